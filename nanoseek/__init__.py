@@ -1,0 +1,7 @@
+"""nanoseek: the DeepSeek-V3 / R1 recipe as one small, readable PyTorch codebase."""
+
+from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.model import Transformer
+
+__version__ = "0.1.0"
+__all__ = ["ModelConfig", "ConfigError", "Transformer"]

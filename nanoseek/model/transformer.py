@@ -1,0 +1,115 @@
+"""The DeepSeek-V2/V3 decoder: embedding, blocks (MLA + dense or MoE FFN), final norm, output head, and
+optional multi-token prediction modules. Plain PyTorch: no cache, FP8 or parallelism logic lives here."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.block import Block
+from nanoseek.model.moe import MoE, GroupedExperts, Router
+from nanoseek.model.mtp import MTPModule
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import RotaryEmbedding
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, config.num_nextn_predict_layers + 1))
+        self.rope = RotaryEmbedding(config)
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, initializer_range) for every matrix, ones for norms, zero router biases."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, Router)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None and isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, GroupedExperts):
+                for p in m.parameters():
+                    nn.init.normal_(p, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            if isinstance(m, Router) and m.e_score_correction_bias is not None:
+                m.e_score_correction_bias.zero_()
+
+    # ------------------------------------------------------------------ forward
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} "
+                             f"{list(input_ids.shape)}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {self.config.vocab_size}): "
+                                 "check that the tokenizer matches the checkpoint")
+
+    def hidden_states(self, input_ids, positions=None, mask=None, kv_caches=None, absorb=False) -> torch.Tensor:
+        """Final normalised hidden states [b, t, d]. `positions` ([t] or [b, t]) default to 0..t-1; `mask`
+        (bool, True = may attend, broadcast to [b, h, t, s]) defaults to causal; `kv_caches` holds one
+        LatentCache per layer when an engine drives decoding."""
+        self.check_input_ids(input_ids)
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rope(positions)
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, None if kv_caches is None else kv_caches[i], absorb)
+        return self.norm(h)
+
+    def mtp_logits(self, input_ids: torch.Tensor, h: torch.Tensor, positions=None) -> list[torch.Tensor]:
+        """Logits of every MTP depth over a full sequence. Entry k-1 has shape [b, t-k, vocab]; its position i
+        predicts token t_{i+k+1} from h^{k-1}_i and Emb(t_{i+k})."""
+        t = input_ids.shape[1]
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device)
+        out = []
+        for k, module in enumerate(self.mtp, start=1):
+            if t - k < 1:
+                break
+            cos, sin = self.rope(positions[..., : t - k])
+            h = module(h[:, :-1], self.embed_tokens(input_ids[:, k:]), cos, sin)
+            out.append(self.lm_head(module.shared_head.norm(h)))
+        return out
+
+    def forward(self, input_ids, positions=None, mask=None, kv_caches=None, absorb=False, return_mtp=False):
+        """logits [b, t, vocab]; with return_mtp=True, (logits, mtp_logits) where mtp_logits is as in
+        `mtp_logits` (an empty list for a model without MTP modules)."""
+        h = self.hidden_states(input_ids, positions, mask, kv_caches, absorb)
+        logits = self.lm_head(h)
+        if not return_mtp:
+            return logits
+        return logits, self.mtp_logits(input_ids, h, positions)
+
+    # ------------------------------------------------------------------ helpers
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE layer, MTP blocks included, in order: what balancing and load statistics iterate over."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "Transformer":
+        """Load a transformers-layout checkpoint directory (DeepseekV3/V2, bf16/fp32 or DeepSeek's FP8)."""
+        from nanoseek.checkpoint import load_pretrained
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write config.json + model.safetensors (or shards with an index) that transformers loads."""
+        from nanoseek.checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
