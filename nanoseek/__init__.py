@@ -2,6 +2,7 @@
 
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model import Transformer
+from nanoseek.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "ConfigError", "Transformer"]
+__all__ = ["ModelConfig", "ConfigError", "Transformer", "load_tokenizer"]

@@ -34,7 +34,7 @@ class ModelConfig:
     moe_intermediate_size: int = 2048
     num_hidden_layers: int = 61
     num_attention_heads: int = 128
-    num_key_value_heads: int = 128  # unused by MLA; kept so config.json round-trips
+    num_key_value_heads: int | None = None  # MLA has no KV heads; always num_attention_heads (transformers needs it)
     n_shared_experts: int = 1
     n_routed_experts: int = 256
     num_experts_per_tok: int = 8
@@ -70,6 +70,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        self.num_key_value_heads = self.num_attention_heads
         self.validate()
 
     # ---------------------------------------------------------------- derived quantities
@@ -205,6 +206,7 @@ class ModelConfig:
         if d.get("num_mtp_layers") is not None and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d["num_mtp_layers"]
         d.pop("num_mtp_layers", None)
+        d.pop("architectures", None)  # derived from model_type when written
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
@@ -240,7 +242,6 @@ class ModelConfig:
         out = {"architectures": [arch], **self.extra, **d}
         out["architectures"] = [arch]
         out["dtype"] = self.torch_dtype  # transformers 5 spelling, beside torch_dtype for older readers
-        out["num_key_value_heads"] = self.num_attention_heads
         return out
 
     def to_json(self, path: str | os.PathLike) -> None:

@@ -1,0 +1,67 @@
+"""Multi-token prediction (V3 section 2.2): alignment, causality, the combination formula, and zero cost when
+not asked for."""
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek import ModelConfig, Transformer
+
+
+def model_with(depth=2, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset("tiny").replace(num_nextn_predict_layers=depth)).eval()
+
+
+def test_shapes_per_depth():
+    m = model_with(depth=2)
+    x = torch.randint(0, m.config.vocab_size, (3, 10))
+    logits, mtp = m(x, return_mtp=True)
+    assert logits.shape == (3, 10, m.config.vocab_size)
+    assert [t.shape[:2] for t in mtp] == [(3, 9), (3, 8)]
+
+
+def test_depth1_formula_and_alignment():
+    """mtp[0][:, i] = head(shared_head.norm(block(eh_proj([enorm(Emb(t_{i+1})) ; hnorm(h_i)])))), over positions 0..i."""
+    m = model_with(depth=1)
+    x = torch.randint(0, m.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        h0 = m.hidden_states(x)
+        _, (mtp,) = m(x, return_mtp=True)
+        mod = m.mtp[0]
+        emb = m.embed_tokens.weight[x[:, 1:]]
+        joined = torch.cat([mod.enorm(emb), mod.hnorm(h0[:, :-1])], dim=-1)
+        h1 = joined @ mod.eh_proj.weight.T
+        cos, sin = m.rope(torch.arange(8))
+        want = m.lm_head(mod.shared_head.norm(mod.block(h1, cos, sin)))
+    assert torch.allclose(mtp, want, atol=1e-5)
+
+
+def test_causal_prefix_consistency_and_dependence_on_next_token():
+    m = model_with(depth=2)
+    x = torch.randint(0, m.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        _, full = m(x, return_mtp=True)
+        for i in (0, 4, 8):  # depth-1 position i sees tokens up to i+1 only
+            _, part = m(x[:, : i + 2], return_mtp=True)
+            assert torch.allclose(part[0][:, -1], full[0][:, i], atol=1e-5)
+        y = x.clone()
+        y[0, 6] = (y[0, 6] + 1) % m.config.vocab_size
+        main_x, mtp_x = m(x, return_mtp=True)
+        main_y, mtp_y = m(y, return_mtp=True)
+    assert torch.allclose(main_x[:, 5], main_y[:, 5], atol=1e-5)  # main head at 5 cannot see t_6
+    assert not torch.allclose(mtp_x[0][:, 5], mtp_y[0][:, 5], atol=1e-3)  # MTP depth 1 at 5 embeds t_6
+    assert torch.allclose(mtp_x[0][:, 4], mtp_y[0][:, 4], atol=1e-5)
+
+
+def test_mtp_costs_nothing_unless_asked_and_trains_when_asked():
+    m = model_with(depth=1).train()
+    calls = []
+    m.mtp[0].register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randint(0, m.config.vocab_size, (2, 8))
+    m(x)
+    assert calls == []
+    _, mtp = m(x, return_mtp=True)
+    assert calls == [1]
+    F.cross_entropy(mtp[0][:, :-1].flatten(0, 1), x[:, 2:].flatten()).backward()
+    assert m.mtp[0].eh_proj.weight.grad.abs().sum() > 0
+    assert m.embed_tokens.weight.grad.abs().sum() > 0  # the embedding is shared with the main model
