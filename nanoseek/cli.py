@@ -11,7 +11,7 @@ import tempfile
 import time
 
 # Modules that register their own subcommands with `add_cli(subparsers)`, imported only if present.
-PLUGIN_MODULES = ("nanoseek.tokenizer", "nanoseek.data")
+PLUGIN_MODULES = ("nanoseek.tokenizer", "nanoseek.data", "nanoseek.train.pretrain", "nanoseek.plot")
 
 
 def _load_config(preset_or_dir: str):

@@ -155,7 +155,7 @@ class GroupedExperts(nn.Module):
         order = flat.argsort(stable=True)  # token slots sorted by expert
         token = order // k
         offsets = torch.bincount(flat, minlength=self.gate_proj.shape[0]).cumsum(0)
-        xs = x[token]
+        xs = x.index_select(0, token)  # not x[token]: its CPU backward accumulates in a nondeterministic order
         h = F.silu(grouped_mm(xs, self.gate_proj.transpose(1, 2), offsets)) * grouped_mm(
             xs, self.up_proj.transpose(1, 2), offsets)
         y = grouped_mm(h, self.down_proj.transpose(1, 2), offsets) * weights.flatten()[order, None].to(x.dtype)

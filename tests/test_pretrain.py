@@ -1,0 +1,167 @@
+"""Pretraining: schedule, balancing rules against the paper's formulas, the non-finite guard, exact resume, and a
+process killed in the middle of a save."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.data import default_corpus_files, prepare_data
+from nanoseek.model.moe import Routing
+from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train import balance, pretrain
+from nanoseek.train.loop import TrainingDiverged, lr_at, read_metrics
+from nanoseek.train.state import latest_checkpoint, list_checkpoints
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    files = default_corpus_files(max_bytes=200_000)
+    train_tokenizer(files, 384, str(root / "tok"))
+    prepare_data(files, str(root / "tok"), str(root / "data"), show_progress=False)
+    return str(root / "data")
+
+
+def tc(data_dir, out, **kw):
+    base = dict(preset="tiny", data=data_dir, out=str(out), steps=6, batch_size=4, seq_len=32, eval_every=3,
+                eval_batches=1, save_every=3, warmup=2)
+    return pretrain.TrainConfig(**{**base, **kw})
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"], r["mtp_loss"]) for r in read_metrics(str(run_dir))]
+
+
+def test_schedule_shapes():
+    assert lr_at(1, 100, 1.0, 10) == pytest.approx(0.1) and lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(100, 100, 1.0, 10, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_at(55, 100, 1.0, 10) == pytest.approx(0.55)  # cosine midpoint between 1.0 and 0.1
+    assert lr_at(80, 100, 1.0, 10, "wsd") == 1.0 and lr_at(90, 100, 1.0, 10, "wsd") == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_at(50, 100, 1.0, 10, "linear")
+
+
+def test_sequence_balance_loss_matches_the_formula_per_sequence():
+    b, t, e, k = 3, 5, 8, 2
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(b * t, e, generator=g)
+    indices = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(b * t)])
+    r = Routing(weights=torch.ones(b * t, k), indices=indices, scores=scores, counts=torch.zeros(e))
+    want = 0.0
+    for s in range(b):  # eq. 17-20, written out for each sequence
+        rows = range(s * t, (s + 1) * t)
+        for i in range(e):
+            f = e / (k * t) * sum(int(i in indices[row].tolist()) for row in rows)
+            p = sum(float(scores[row, i] / scores[row].sum()) for row in rows) / t
+            want += f * p
+    assert balance.sequence_balance_loss(r, b, k).item() == pytest.approx(want / b, rel=1e-5)
+
+
+def test_bias_update_is_gamma_times_sign():
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    layers = model.moe_layers()
+    load = torch.tensor([5, 1, 3, 3, 0, 9, 3, 0, 3, 3, 3, 3, 3, 3, 3, 3])  # mean exactly 3
+    balance.update_bias(layers, [load] * len(layers), gamma=0.01)
+    want = 0.01 * torch.sign(3.0 - load.float())
+    for layer in layers:
+        assert torch.equal(layer.gate.e_score_correction_bias, want)
+    stats = balance.load_stats([load])
+    assert stats["moe_max_over_mean"] == pytest.approx(3.0) and stats["moe_dead_experts"] == 2
+
+
+def test_training_lowers_loss_moves_biases_and_writes_a_loadable_checkpoint(data_dir, tmp_path):
+    summary = pretrain.train(tc(data_dir, tmp_path / "run", steps=12, save_every=0, lr=1e-2), progress=False)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert {"lr", "tokens_per_s", "moe_max_over_mean", "moe_dead_experts", "mtp_loss"} <= set(rows[-1])
+    assert "val_loss" in rows[2] and "val_loss" not in rows[0]
+    assert os.path.realpath(tmp_path / "run" / "latest") == os.path.realpath(summary["checkpoint"])
+    model = Transformer.from_pretrained(tmp_path / "run" / "latest")
+    assert model.config.vocab_size == json.load(open(os.path.join(data_dir, "manifest.json")))["vocab_size"]
+    assert any(m.gate.e_score_correction_bias.abs().sum() > 0 for m in model.moe_layers())
+    assert os.path.exists(tmp_path / "run" / "latest" / "tokenizer.json")
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "latest", dtype=torch.float32)
+    x = torch.randint(0, model.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypatch):
+    real = pretrain.compute_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(model, x, y, cfg):
+        calls["n"] += 1
+        loss, parts = real(model, x, y, cfg)
+        if calls["n"] in bad_calls:
+            nan = torch.tensor(float("nan"))
+            return loss * nan, {**parts, "loss": nan}
+        return loss, parts
+
+    monkeypatch.setattr(pretrain, "compute_loss", sometimes_nan)
+    bad_calls = {2}
+    summary = pretrain.train(tc(data_dir, tmp_path / "a", steps=4, save_every=0), progress=False)
+    rows = read_metrics(tmp_path / "a")
+    assert summary["skipped_steps"] == 1 and rows[1].get("skipped") and not rows[2].get("skipped")
+    model = Transformer.from_pretrained(summary["checkpoint"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    calls["n"] = 0
+    bad_calls = set(range(3, 100))
+    with pytest.raises(TrainingDiverged, match="non-finite .* 3 steps in a row"):
+        pretrain.train(tc(data_dir, tmp_path / "b", steps=20, save_every=1, max_bad_steps=3), progress=False)
+    assert list_checkpoints(str(tmp_path / "b")) == [1, 2, 3, 4]  # skipped steps save the unchanged model
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(data_dir, tmp_path):
+    pretrain.train(tc(data_dir, tmp_path / "full"), progress=False)
+    # a run that stopped right after its step-3 checkpoint
+    os.makedirs(tmp_path / "cut" / "checkpoints")
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_3", tmp_path / "cut" / "checkpoints" / "step_3")
+    with open(tmp_path / "cut" / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in read_metrics(tmp_path / "full")[:3])
+    pretrain.train(tc(data_dir, tmp_path / "cut", resume=True), progress=False)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    a = Transformer.from_pretrained(tmp_path / "full" / "latest").state_dict()
+    b = Transformer.from_pretrained(tmp_path / "cut" / "latest").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="the schedule would change"):
+        pretrain.train(tc(data_dir, tmp_path / "cut", resume=True, steps=9), progress=False)
+
+
+KILLER = """
+import os, sys
+import nanoseek.train.state as state
+from nanoseek.train import pretrain
+saves = []
+def die_on_second_save():
+    saves.append(1)
+    if len(saves) == 2:
+        os._exit(3)  # killed: no cleanup, no finally blocks
+state._before_rename = die_on_second_save
+pretrain.train(pretrain.TrainConfig(**{cfg}), progress=False)
+"""
+
+
+def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint(data_dir, tmp_path):
+    cfg = dict(preset="tiny", data=data_dir, out=str(tmp_path / "killed"), steps=6, batch_size=4, seq_len=32,
+               eval_every=3, eval_batches=1, save_every=3, warmup=2)
+    proc = subprocess.run([sys.executable, "-c", KILLER.replace("{cfg}", repr(cfg))], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    run = tmp_path / "killed"
+    assert list_checkpoints(str(run)) == [3]
+    assert os.path.realpath(run / "latest") == os.path.realpath(latest_checkpoint(str(run)))
+    Transformer.from_pretrained(run / "latest")  # intact and loadable
+    pretrain.train(pretrain.TrainConfig(**{**cfg, "resume": True}), progress=False)
+    pretrain.train(tc(data_dir, tmp_path / "clean"), progress=False)
+    assert losses(run) == losses(tmp_path / "clean")
+    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".")] or list_checkpoints(str(run)) == [3, 6]
