@@ -1,0 +1,202 @@
+"""Decode speed and KV-cache size: nanoseek's Engine (latent cache, absorbed decode) beside transformers'
+DeepseekV3ForCausalLM (model.generate, DynamicCache, sdpa attention) on the same random weights.
+
+    python benchmarks/decode.py                 # contexts 256, 2048, 8192 at batch 1 and 8
+    python benchmarks/decode.py --quick         # 256 and 2048, batch 1
+    python benchmarks/decode.py --contexts 8192 --batches 1 --json
+    python benchmarks/decode.py --compare-prefill   # also time nanoseek prefill: expanded vs absorbed attention
+
+Both run greedy with no stop token for --new-tokens tokens. Prefill time is the time to the first new token;
+decode tokens/s counts the remaining batch * (new_tokens - 1) tokens over the time after it (transformers is
+timed through a streamer, nanoseek through Engine.stream). Cache bytes per token: nanoseek's allocated cache
+divided by its token slots; transformers' DynamicCache tensors after a prefill divided by batch * length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nanoseek import ModelConfig, Transformer  # noqa: E402
+from nanoseek.engine import Engine, SamplingParams  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def machine() -> dict:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def build_models(preset: str, dtype: torch.dtype, seed: int):
+    import transformers
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_preset(preset)
+    ours = Transformer(cfg).to(dtype).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(os.path.join(tmp, "ckpt"))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "ckpt"), dtype=dtype,
+                                                               attn_implementation="sdpa").eval()
+    return cfg, ours, hf
+
+
+class _Clock:
+    """A transformers streamer that timestamps each put(): the first is the prompt, then one per new token."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def run_hf(hf, prompts: torch.Tensor, new_tokens: int):
+    clock = _Clock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, streamer=clock, pad_token_id=0)
+    t_end = time.perf_counter()
+    first = clock.times[1]
+    return out[:, prompts.shape[1]:].tolist(), first - t0, t_end - first
+
+
+def run_ours(engine: Engine, prompts: list[list[int]], new_tokens: int):
+    out = [[] for _ in prompts]
+    t0 = time.perf_counter()
+    first = None
+    for ev in engine.stream(prompts, SamplingParams(new_tokens, temperature=0)):
+        if first is None:
+            first = time.perf_counter()  # the whole batch is prefilled before the first event
+        out[ev.seq].append(ev.token)
+    t_end = time.perf_counter()
+    return out, first - t0, t_end - first
+
+
+@torch.inference_mode()
+def hf_cache_bytes_per_token(hf, length: int) -> int:
+    ids = torch.randint(0, hf.config.vocab_size, (1, length))
+    cache = hf(ids, use_cache=True).past_key_values
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            total += t.numel() * t.element_size()
+    return total // length
+
+
+@torch.inference_mode()
+def time_prefill_paths(ours, ctx: int, max_seq_len: int) -> dict:
+    eng = Engine(ours, max_batch_size=1, max_seq_len=max_seq_len)
+    prompt = [torch.randint(0, ours.config.vocab_size, (ctx,)).tolist()]
+    res = {}
+    for absorb in (False, True):
+        eng.prefill_absorb = absorb
+        _, t_prefill, _ = run_ours(eng, prompt, 1)
+        res["absorbed" if absorb else "expanded"] = t_prefill
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and caches of both models")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[256, 2048, 8192])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="contexts 256 and 2048, batch 1")
+    ap.add_argument("--compare-prefill", action="store_true", help="time nanoseek prefill, expanded vs absorbed")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for both models (1 avoids OpenMP spin-waiting on a busy shared machine)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.contexts, args.batches = [256, 2048], [1]
+    dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg, ours, hf = build_models(args.preset, dtype, args.seed)
+    max_seq_len = max(args.contexts) + args.new_tokens
+    engines = {b: Engine(ours, max_batch_size=b, max_seq_len=max_seq_len, kv_cache_dtype=args.dtype)
+               for b in args.batches}
+    bytes_ours = {d: Engine(ours, max_batch_size=1, max_seq_len=16, kv_cache_dtype=d).kv_cache_bytes_per_token()
+                  for d in ("fp32", "bf16", "fp8")}
+    bytes_hf = hf_cache_bytes_per_token(hf, 64)
+    hf_elem = torch.finfo(dtype).bits // 8
+
+    # warm up both (first calls allocate and pick kernels)
+    run_ours(engines[args.batches[0]], [[1, 2, 3, 4]], 4)
+    run_hf(hf, torch.tensor([[1, 2, 3, 4]]), 4)
+
+    rows = []
+    g = torch.Generator().manual_seed(args.seed)
+    for ctx in args.contexts:
+        for b in args.batches:
+            prompts = torch.randint(2, cfg.vocab_size, (b, ctx), generator=g)
+            o_tok, o_pre, o_dec = run_ours(engines[b], prompts.tolist(), args.new_tokens)
+            h_tok, h_pre, h_dec = run_hf(hf, prompts, args.new_tokens)
+            n = b * (args.new_tokens - 1)
+            row = dict(context=ctx, batch=b, nanoseek_decode_tok_s=n / o_dec, hf_decode_tok_s=n / h_dec,
+                       nanoseek_prefill_s=o_pre, hf_prefill_s=h_pre,
+                       same_tokens=sum(x == y for x, y in zip(o_tok, h_tok)) / b)
+            row["decode_speedup"] = row["nanoseek_decode_tok_s"] / row["hf_decode_tok_s"]
+            rows.append(row)
+            print(f"  ctx {ctx:5d} batch {b}: nanoseek {row['nanoseek_decode_tok_s']:.1f} tok/s, "
+                  f"transformers {row['hf_decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+
+    prefill_paths = {}
+    if args.compare_prefill:
+        for ctx in [c for c in args.contexts if c <= 2048]:
+            prefill_paths[ctx] = time_prefill_paths(ours, ctx, max_seq_len)
+
+    info = machine()
+    print(f"\nDecode: preset {args.preset} ({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M params), "
+          f"{args.dtype} weights and caches, greedy, {args.new_tokens} new tokens")
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
+          f"torch {info['torch']}\n")
+    print("| context | batch | nanoseek decode tok/s | transformers decode tok/s | speedup | nanoseek prefill s "
+          "| transformers prefill s | same tokens |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['context']} | {r['batch']} | {r['nanoseek_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} | "
+              f"{r['decode_speedup']:.2f}x | {r['nanoseek_prefill_s']:.2f} | {r['hf_prefill_s']:.2f} | "
+              f"{r['same_tokens']:.0%} |")
+    print(f"\nKV cache bytes per token ({cfg.num_hidden_layers} layers): transformers DynamicCache {args.dtype} "
+          f"{bytes_hf:,}; nanoseek latent fp32 {bytes_ours['fp32']:,}, bf16 {bytes_ours['bf16']:,}, "
+          f"fp8 {bytes_ours['fp8']:,}")
+    print(f"nanoseek {args.dtype} / transformers {args.dtype}: {bytes_ours[args.dtype] / bytes_hf:.3f}; "
+          f"nanoseek fp8 / bf16: {bytes_ours['fp8'] / bytes_ours['bf16']:.3f}; "
+          f"transformers bf16 would be {bytes_hf * 2 // hf_elem:,}")
+    if prefill_paths:
+        print("\nnanoseek prefill attention path (batch 1): " + "; ".join(
+            f"{c} tokens: expanded {v['expanded']:.2f} s, absorbed {v['absorbed']:.2f} s"
+            for c, v in prefill_paths.items()))
+    if args.json:
+        print(json.dumps({"machine": info, "preset": args.preset, "dtype": args.dtype, "new_tokens": args.new_tokens,
+                          "rows": rows, "kv_cache_bytes_per_token": {"transformers": bytes_hf, "nanoseek": bytes_ours},
+                          "prefill_paths": prefill_paths}))
+
+
+if __name__ == "__main__":
+    main()

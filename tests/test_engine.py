@@ -1,0 +1,231 @@
+"""Engine: cached greedy decoding equals recomputing everything, cache sizes, fp8 cache, sampling, stops, errors,
+and MTP speculative decoding. Tiny fp32 models; references are full forward passes without a cache."""
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.engine import Engine, SamplingParams
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [3], [100, 200, 300, 400, 500]]  # ragged: 13, 1, 5
+
+
+def v3_config():
+    return ModelConfig.from_preset("tiny")
+
+
+def v2_config():
+    return ModelConfig.from_preset("tiny").replace(model_type="deepseek_v2", topk_method="greedy",
+                                                   scoring_func="softmax", q_lora_rank=None, norm_topk_prob=False,
+                                                   routed_scaling_factor=1.0)
+
+
+CONFIGS = {"v3": v3_config, "v2": v2_config}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spin-waiting makes them
+    10x slower; restored for the other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+_MODELS = {}
+
+
+def tiny_model(kind="v3"):
+    if kind not in _MODELS:
+        torch.manual_seed(0)
+        _MODELS[kind] = Transformer(CONFIGS[kind]()).float().eval()
+    return _MODELS[kind]
+
+
+@torch.no_grad()
+def reference_logits(model, prompt, tokens):
+    """Full-forward logits (no cache) predicting each of `tokens` after `prompt`: [len(tokens), vocab]."""
+    ids = torch.tensor([prompt + tokens[:-1]])
+    return model(ids)[0, len(prompt) - 1:].float()
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def stream_tokens_and_logits(engine, prompts, params, **kw):
+    toks = [[] for _ in prompts]
+    logits = [[] for _ in prompts]
+    for ev in engine.stream(prompts, params, return_logits=True, **kw):
+        toks[ev.seq].append(ev.token)
+        logits[ev.seq].append(ev.logits)
+    return toks, [torch.stack(x) for x in logits]
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("kind,batched_prefill", [("v3", True), ("v3", False), ("v2", True), ("v2", False)])
+def test_greedy_equals_full_forward(kind, batched_prefill):
+    """Greedy tokens and every step's logits (prefill: expanded path, decode: absorbed) equal full forwards."""
+    model = tiny_model(kind)
+    engine = Engine(model, max_batch_size=4, max_seq_len=32, kv_cache_dtype="fp32")
+    if not batched_prefill:
+        engine.prefill_mask_limit = 0  # ragged prompts prefill one at a time
+    n = 6
+    toks, logits = stream_tokens_and_logits(engine, PROMPTS, SamplingParams(n, temperature=0))
+    for p, t, lg in zip(PROMPTS, toks, logits):
+        assert len(t) == n
+        assert t == reference_greedy(model, p, n)
+        assert rel_err(lg, reference_logits(model, p, t)) < 1e-4
+    # batch of one gives the same as inside the ragged batch
+    assert engine.generate([PROMPTS[2]], SamplingParams(n, temperature=0)) == [toks[2]]
+
+
+def test_no_step_recomputes_the_prompt():
+    """Decode steps feed the model one token per sequence: count tokens through the embedding."""
+    model = tiny_model()
+    engine = Engine(model, max_batch_size=4, max_seq_len=32, kv_cache_dtype="fp32")
+    seen = []
+    hook = model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        engine.generate(PROMPTS, SamplingParams(4, temperature=0))
+    finally:
+        hook.remove()
+    assert seen[0] == (3, 13)  # one padded prefill
+    assert seen[1:] == [(3, 1)] * 3
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def test_cache_bytes_formula_and_fp8_ratio():
+    model = tiny_model()
+    cfg = model.config
+    per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    L = cfg.num_hidden_layers
+    sizes = {d: Engine(model, max_batch_size=2, max_seq_len=16, kv_cache_dtype=d).kv_cache_bytes_per_token()
+             for d in ("fp32", "bf16", "fp8")}
+    assert sizes["fp32"] == L * per_layer * 4
+    assert sizes["bf16"] == L * per_layer * 2
+    assert sizes["fp8"] == L * (per_layer * 1 + 2 * 2)  # e4m3 values + a bf16 scale for c_kv and for k_rope
+    assert sizes["fp8"] <= 0.55 * sizes["bf16"]
+    # nothing per head: the MHA cache of the same model would hold 2 * heads * head_dim per layer
+    assert sizes["bf16"] < L * 2 * cfg.num_attention_heads * cfg.v_head_dim * 2
+
+
+@pytest.mark.parametrize("dtype,bound", [("bf16", 0.01), ("fp8", 0.2)])
+def test_low_precision_cache_logits_close(dtype, bound):
+    """Teacher-forced on the engine's own tokens: logits with a bf16 / fp8 latent cache vs exact full forward.
+    (Measured on this model: bf16 1.8e-3, fp8 8.2e-2 of the largest logit; e4m3 keeps 3 mantissa bits.)"""
+    model = tiny_model()
+    engine = Engine(model, max_batch_size=4, max_seq_len=32, kv_cache_dtype=dtype)
+    toks, logits = stream_tokens_and_logits(engine, PROMPTS, SamplingParams(8, temperature=0))
+    errs = [rel_err(lg[1:], reference_logits(model, p, t)[1:]) for p, t, lg in zip(PROMPTS, toks, logits)]
+    print(f"{dtype} cache: max |dlogit| / max |logit| = {max(errs):.2e}")
+    assert 0 < max(errs) < bound  # > 0: the cache really is stored at low precision
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def test_seeded_sampling_reproducible():
+    engine = Engine(tiny_model(), max_batch_size=4, max_seq_len=32)
+    p = SamplingParams(8, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    a = engine.generate(PROMPTS, p)
+    assert engine.generate(PROMPTS, p) == a
+    assert engine.generate(PROMPTS, SamplingParams(8, temperature=1.0, top_p=0.9, top_k=50, seed=99)) != a
+    assert all(len(x) == 8 for x in a)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy():
+    engine = Engine(tiny_model(), max_batch_size=4, max_seq_len=32)
+    greedy = engine.generate(PROMPTS, SamplingParams(4, temperature=0))
+    assert engine.generate(PROMPTS, SamplingParams(4, temperature=1.5, top_k=1, seed=0)) == greedy
+    assert engine.generate(PROMPTS, SamplingParams(4, temperature=1.5, top_p=1e-6, seed=0)) == greedy
+    # hot sampling over the whole vocabulary does differ from greedy
+    assert engine.generate(PROMPTS, SamplingParams(4, temperature=5.0, seed=0)) != greedy
+
+
+def test_stop_tokens_per_sequence():
+    """A stop token ends only its own sequence (kept as its last token); the others continue unchanged."""
+    model = tiny_model()
+    engine = Engine(model, max_batch_size=4, max_seq_len=32, kv_cache_dtype="fp32")
+    full = engine.generate(PROMPTS, SamplingParams(8, temperature=0))
+    stop = full[2][1]  # the middle row's second token: row 2 stops early, rows are compacted mid-generation
+    out = engine.generate(PROMPTS, SamplingParams(8, temperature=0, stop_token_ids=(stop,)))
+    for f, o in zip(full, out):
+        expect = f[: f.index(stop) + 1] if stop in f else f
+        assert o == expect
+    assert len(out[2]) == 2 and out[2][-1] == stop
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_clear_errors():
+    engine = Engine(tiny_model(), max_batch_size=2, max_seq_len=16)
+    vocab = tiny_model().config.vocab_size
+    p = SamplingParams(4, temperature=0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        engine.generate([list(range(20))], p)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([list(range(14))], p)  # 14 + 4 > 16
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate([[1, vocab]], p)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate([[-1, 2]], p)
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[1], []], p)
+    with pytest.raises(ValueError, match="empty"):
+        engine.stream([[]], p)  # raised on the call, before iterating
+    with pytest.raises(ValueError, match="max_batch_size"):
+        engine.generate([[1], [2], [3]], p)
+    with pytest.raises(ValueError, match="greedy"):
+        engine.generate([[1]], SamplingParams(4, temperature=1.0), speculative=True)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        Engine(tiny_model(), kv_cache_dtype="int4")
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(4, top_p=0.0)
+    assert engine.generate([[1]], SamplingParams(0)) == [[]]
+
+
+# ---------------------------------------------------------------------------------------------- speculative
+def near_bigram_model(eps: float):
+    """A tiny model whose MTP draft is often right: attention/FFN outputs scaled by eps (the main model is
+    nearly a bigram model) and the MTP module reads only Emb(next token), so it predicts the token after next
+    almost as the main model will. eps > 0 keeps attention (and so every cache) relevant."""
+    torch.manual_seed(0)
+    model = Transformer(v3_config()).float().eval()
+    d = model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "o_proj" in name or "down_proj" in name:
+                p.mul_(eps)
+        w = model.mtp[0].eh_proj.weight
+        w.zero_()
+        w[:, :d] = torch.eye(d)
+    return model
+
+
+def test_speculative_greedy_identical_random_model():
+    engine = Engine(tiny_model(), max_batch_size=4, max_seq_len=32, kv_cache_dtype="fp32")
+    p = SamplingParams(10, temperature=0)
+    assert engine.generate([PROMPTS[0]], p, speculative=True) == engine.generate([PROMPTS[0]], p)
+    assert engine.stats.drafted == 0  # stats belong to the last call (non-speculative here)
+
+
+def test_speculative_greedy_identical_with_acceptances():
+    """Ragged batch, some drafts accepted and some rejected (caches rewound), per-row stops: same tokens and
+    logits as plain greedy decoding."""
+    model = near_bigram_model(0.3)
+    engine = Engine(model, max_batch_size=4, max_seq_len=40, kv_cache_dtype="fp32")
+    p = SamplingParams(16, temperature=0)
+    plain = engine.generate(PROMPTS, p)
+    spec, spec_logits = stream_tokens_and_logits(engine, PROMPTS, p, speculative=True)
+    assert spec == plain
+    assert 0.1 < engine.stats.acceptance_rate < 0.9, engine.stats
+    for prompt, t, lg in zip(PROMPTS, spec, spec_logits):
+        assert rel_err(lg, reference_logits(model, prompt, t)) < 1e-4
+    stop = plain[1][3]
+    p_stop = SamplingParams(16, temperature=0, stop_token_ids=(stop,))
+    assert engine.generate(PROMPTS, p_stop, speculative=True) == engine.generate(PROMPTS, p_stop)
