@@ -7,11 +7,10 @@ import importlib
 import json
 import os
 import sys
-import tempfile
-import time
 
 # Modules that register their own subcommands with `add_cli(subparsers)`, imported only if present.
-PLUGIN_MODULES = ("nanoseek.tokenizer", "nanoseek.data", "nanoseek.train.pretrain", "nanoseek.plot")
+PLUGIN_MODULES = ("nanoseek.demo", "nanoseek.tokenizer", "nanoseek.data", "nanoseek.train.pretrain", "nanoseek.plot",
+                  "nanoseek.chat")
 
 
 def _load_config(preset_or_dir: str):
@@ -68,47 +67,6 @@ def cmd_info(args) -> None:
         print(info_table(args.model, c, s))
 
 
-def cmd_demo(args) -> None:
-    """What exists so far, end to end on built-in defaults: accounting for every preset, then a tiny model's
-    forward pass, a checkpoint round trip in the transformers layout, and a few training steps."""
-    import torch
-
-    from nanoseek import ModelConfig, Transformer
-    from nanoseek.accounting import summary
-    from nanoseek.config import PRESETS
-
-    for name in PRESETS:
-        print(info_table(name, ModelConfig.from_preset(name), summary(ModelConfig.from_preset(name))), "\n")
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny")
-    model = Transformer(cfg)
-    x = torch.randint(0, cfg.vocab_size, (4, 64))
-    with torch.no_grad():
-        logits, mtp = model(x, return_mtp=True)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
-    print(f"tiny forward: logits {list(logits.shape)}, MTP logits {[list(t.shape) for t in mtp]}, "
-          f"loss at init {loss:.3f} (ln vocab = {torch.log(torch.tensor(float(cfg.vocab_size))):.3f})")
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        again = Transformer.from_pretrained(d)
-        with torch.no_grad():
-            same = torch.equal(again(x), logits)
-        print(f"checkpoint round trip ({', '.join(sorted(os.listdir(d)))}): logits identical = {same}")
-    # Memorise one batch for a few steps: the loss must fall, MTP and all.
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    t0 = time.time()
-    for step in range(1, args.steps + 1):
-        logits, mtp = model(x, return_mtp=True)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
-        mtp_loss = torch.nn.functional.cross_entropy(mtp[0][:, :-1].flatten(0, 1), x[:, 2:].flatten())
-        (loss + 0.3 * mtp_loss).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 5 == 0 or step == 1:
-            print(f"step {step:3d}  loss {loss.item():.3f}  mtp loss {mtp_loss.item():.3f}  "
-                  f"{(time.time() - t0) / step:.2f} s/step")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in one small PyTorch codebase")
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,10 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", metavar="PRESET_OR_DIR")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_info)
-
-    s = sub.add_parser("demo", help="run what nanoseek can do on built-in defaults")
-    s.add_argument("--steps", type=int, default=20)
-    s.set_defaults(func=cmd_demo)
 
     for name in PLUGIN_MODULES:
         try:

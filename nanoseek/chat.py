@@ -1,0 +1,166 @@
+"""`nanoseek generate` and `nanoseek chat`: text in, streamed text out, through the Engine and the checkpoint's
+own tokenizer. Chat shows the model's reasoning (<think> ... </think>) apart from its answer and, as R1 does, keeps
+only the answer in the conversation history."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterable, TextIO
+
+import torch
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def load(model_dir: str, max_seq_len: int, dtype: str = "float32"):
+    """(engine, tokenizer) for a checkpoint directory that holds a tokenizer."""
+    from nanoseek.engine import Engine
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.tokenizer import load_tokenizer
+
+    if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        raise ValueError(f"{model_dir} has no tokenizer.json: generate needs the checkpoint's tokenizer "
+                         "(training runs copy it into every checkpoint)")
+    tok = load_tokenizer(model_dir)
+    model = Transformer.from_pretrained(model_dir, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
+    return Engine(model, max_batch_size=1, max_seq_len=max_seq_len), tok
+
+
+class StreamDecoder:
+    """Turns a token stream into text pieces. Decoding the whole sequence each time and printing the new suffix
+    keeps multi-byte characters intact when one character spans several byte-level tokens."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.text = tok, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of the character
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+
+@dataclass
+class Reply:
+    thinking: str
+    answer: str
+    tokens: int
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning inside <think>...</think>, the rest): what chat shows dimmed and what it keeps in history."""
+    if "<think>" in text:
+        before, _, rest = text.partition("<think>")
+        thinking, closed, after = rest.partition("</think>")
+        return thinking.strip(), (before + after).strip() if closed else before.strip()
+    return "", text.strip()
+
+
+def stream_text(engine, tok, prompt_ids: list[int], params, write: Callable[[str, bool], None]) -> Reply:
+    """Generate for one prompt, calling write(piece, inside_think) as text arrives."""
+    think_open, think_close = tok.token_id("<think>"), tok.token_id("</think>")
+    dec = StreamDecoder(tok)
+    inside, n = False, 0
+    for ev in engine.stream([prompt_ids], params):
+        n += 1
+        if ev.token == think_open:
+            inside = True
+        piece = dec.push(ev.token)
+        if piece:
+            write(piece, inside)
+        if ev.token == think_close:
+            inside = False
+    thinking, answer = split_reasoning(dec.text)
+    return Reply(thinking, answer, n)
+
+
+def _writer(out: TextIO, color: bool) -> Callable[[str, bool], None]:
+    def write(piece: str, thinking: bool) -> None:
+        out.write(f"{DIM}{piece}{RESET}" if thinking and color else piece)
+        out.flush()
+    return write
+
+
+def _params(args, eos: int):
+    from nanoseek.engine import SamplingParams
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, stop_token_ids=(eos,), seed=args.seed)
+
+
+def cmd_generate(args) -> None:
+    engine, tok = load(args.model, args.max_seq_len, args.dtype)
+    if args.chat:
+        ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = tok.encode(args.prompt, add_bos=True)
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    stream_text(engine, tok, ids, _params(args, tok.eos_id), _writer(sys.stdout, sys.stdout.isatty()))
+    sys.stdout.write("\n")
+
+
+def chat_loop(engine, tok, params, lines: Iterable[str], out: TextIO, system: str | None = None,
+              color: bool = False) -> list[dict]:
+    """The interactive loop over input lines ('/reset' clears history, '/exit' quits); returns the history."""
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    write = _writer(out, color)
+    out.write("nanoseek chat: type a message; /reset clears the history, /exit quits.\n> ")
+    out.flush()
+    for line in lines:
+        line = line.rstrip("\n")
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            out.write("(history cleared)\n> ")
+            out.flush()
+            continue
+        if not line.strip():
+            out.write("> ")
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.encode_chat(history, add_generation_prompt=True)
+        if len(ids) + params.max_new_tokens > engine.max_seq_len:
+            out.write(f"(the conversation is {len(ids)} tokens, too long for max_seq_len {engine.max_seq_len}: "
+                      "/reset to start over)\n> ")
+            history.pop()
+            continue
+        reply = stream_text(engine, tok, ids, params, write)
+        history.append({"role": "assistant", "content": reply.answer})  # R1 keeps only the answer
+        out.write("\n> ")
+        out.flush()
+    return history
+
+
+def cmd_chat(args) -> None:
+    engine, tok = load(args.model, args.max_seq_len, args.dtype)
+    chat_loop(engine, tok, _params(args, tok.eos_id), sys.stdin, sys.stdout, args.system, sys.stdout.isatty())
+
+
+def _common(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="stream a continuation of --prompt")
+    _common(p, temperature=0.6)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    p.set_defaults(func=cmd_generate)
+    p = subparsers.add_parser("chat", help="interactive chat; reasoning shown apart from the answer")
+    _common(p, temperature=0.6)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
