@@ -93,3 +93,74 @@ def summary(c: ModelConfig) -> dict:
     """Everything `nanoseek info` reports."""
     p = param_counts(c)
     return {**p, "kv_cache_bytes_per_token": kv_cache_bytes_per_token(c), "flops_per_token": flops_per_token(c)}
+
+
+# ---------------------------------------------------------------------------------------------- memory per rank
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_bf16": 4, "sgd": 0}  # per parameter: AdamW's two fp32 (or bf16) moments
+
+
+def _block_activation_elems(c: ModelConfig, layer: int) -> tuple[int, int]:
+    """(elements in the training dtype, fp32 bytes) one token saves for backward in one block (see memory_per_rank)."""
+    d, h = c.hidden_size, c.num_attention_heads
+    q = 2 * c.q_lora_rank if c.q_lora_rank else 0  # c_q before and after its norm
+    attn = 2 * d + q + 2 * c.kv_lora_rank + c.qk_rope_head_dim + h * (2 * c.qk_head_dim + 2 * c.v_head_dim)
+    if c.is_moe_layer(layer):
+        routed = c.num_experts_per_tok * (2 * d + 3 * c.moe_intermediate_size)
+        ffn = 2 * d + routed + 3 * c.moe_intermediate_size * c.n_shared_experts
+        return attn + ffn, 4 * c.n_routed_experts  # router scores stay fp32
+    return attn + 2 * d + 3 * c.intermediate_size, 0
+
+
+def memory_per_rank(c: ModelConfig, world_size: int, ep: int = 1, batch_tokens_per_rank: int = 4096,
+                    dtype: str = "bfloat16", optimizer: str = "adamw") -> dict:
+    """Bytes one rank needs to train `c` with nanoseek.distributed.parallelize on world_size ranks, ep-way expert
+    parallel, for a micro-batch of batch_tokens_per_rank tokens per rank. MTP modules are included.
+
+    params, grads: every parameter element lives on exactly one rank (FSDP shards over all ranks; routed experts
+        split over ep ranks, then sharded over the other world_size / ep), so each is (main + MTP params) /
+        world_size at `dtype`.
+    optimizer: OPTIMIZER_BYTES[optimizer] per local parameter (AdamW: exp_avg and exp_avg_sq in fp32).
+    gathered: the transient unsharded working set: the root (embedding, head) plus the largest block with
+        1/ep of its routed experts, parameters and gradients, at `dtype`.
+    activations: an estimate, no activation checkpointing, attention without a stored score matrix (flash /
+        SDPA style). Per token and block, values saved for backward at `dtype`:
+          attention 2d (block input, normed input) + 2 q_lora_rank + 2 kv_lora_rank + qk_rope_head_dim
+                    + heads * (2 qk_head_dim + 2 v_head_dim)   (q, k, v, attention output)
+          dense FFN 2d + 3 intermediate_size                    (gate, up, their product)
+          MoE FFN   2d + k (2d + 3 moe_intermediate_size)       (dispatched copy, expert SwiGLU, returned copy)
+                    + 3 n_shared moe_intermediate_size, plus n_routed_experts fp32 router scores
+          MTP module 4d (two norms, the concatenation) + its block
+        plus fp32 logits, vocab_size * 4 bytes per token for the head and each MTP depth.
+    """
+    if world_size < 1 or ep < 1 or world_size % ep or c.n_routed_experts % ep:
+        raise ValueError(f"ep ({ep}) must divide both world_size ({world_size}) and n_routed_experts "
+                         f"({c.n_routed_experts})")
+    if optimizer not in OPTIMIZER_BYTES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_BYTES)}, got {optimizer!r}")
+    nbytes = DTYPE_BYTES[dtype]
+    p = param_counts(c)
+    total = p["total_params"] + p["mtp_params"]
+    local = -(-total // world_size)  # ceil: FSDP pads the last shard
+    layers = list(range(c.num_hidden_layers + c.num_nextn_predict_layers))
+    routed = 3 * c.hidden_size * c.moe_intermediate_size * c.n_routed_experts
+
+    def gathered_block(i: int) -> int:
+        b = block_params(c, i)
+        return b.attention + b.norms + b.ffn_total - (routed - routed // ep if c.is_moe_layer(i) else 0)
+
+    root = p["by_part"]["embedding"] + p["by_part"]["output_head"]
+    gathered = 2 * (root + max(gathered_block(i) for i in layers)) * nbytes
+    elems, fp32 = 0, 0
+    for i in layers:
+        e, f = _block_activation_elems(c, i)
+        elems, fp32 = elems + e + (4 * c.hidden_size if i >= c.num_hidden_layers else 0), fp32 + f
+    fp32 += 4 * c.vocab_size * (1 + c.num_nextn_predict_layers)
+    activations = batch_tokens_per_rank * (elems * nbytes + fp32)
+    out = {"world_size": world_size, "ep": ep, "dtype": dtype, "optimizer": optimizer,
+           "batch_tokens_per_rank": batch_tokens_per_rank, "params_per_rank": local,
+           "param_bytes": local * nbytes, "grad_bytes": local * nbytes,
+           "optimizer_bytes": local * OPTIMIZER_BYTES[optimizer], "gathered_bytes": gathered,
+           "activation_bytes": activations}
+    out["total_bytes"] = sum(out[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "gathered_bytes",
+                                              "activation_bytes"))
+    return out

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
+from nanoseek.fp8 import dequantize_checkpoint_weight
 from nanoseek.io_utils import atomic_directory, atomic_write_text, fsync_dir
 from nanoseek.model.transformer import Transformer
 
@@ -137,18 +138,6 @@ def _write_weights(model: Transformer, folder: str, max_shard_bytes: int) -> lis
 
 
 # ------------------------------------------------------------------------------------------ loading
-def dequantize_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)):
-    """DeepSeek's released FP8 layout: weight = fp8 block * weight_scale_inv, one scale per block (fp32 result)."""
-    out, inp = w.shape
-    bo, bi = block
-    expected = ((out + bo - 1) // bo, (inp + bi - 1) // bi)
-    if tuple(scale_inv.shape) != expected:
-        raise CheckpointError(f"weight_scale_inv has shape {list(scale_inv.shape)}, expected {list(expected)} "
-                              f"for a {list(w.shape)} weight with {bo}x{bi} blocks")
-    scale = scale_inv.float().repeat_interleave(bo, 0)[:out].repeat_interleave(bi, 1)[:, :inp]
-    return w.float() * scale
-
-
 class _TensorSource:
     """Lazy reader over a checkpoint's safetensors files (single file or an index of shards)."""
 
@@ -214,7 +203,11 @@ def load_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -
             t = src.get(key)
             if key + "_scale_inv" in keys:  # FP8 weight with its per-block scale
                 used.add(key + "_scale_inv")
-                t = dequantize_fp8_block(t, src.get(key + "_scale_inv"), block or (128, 128))
+                try:
+                    t = dequantize_checkpoint_weight(t, src.get(key + "_scale_inv"), block or (128, 128),
+                                                     torch.float32)
+                except ValueError as e:
+                    raise CheckpointError(f"tensor {key}: {e}") from None
             elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 raise CheckpointError(f"tensor {key} is float8 but {key}_scale_inv is missing")
             want = _expected_part(expected, name)

@@ -115,6 +115,41 @@ def dequantize_weight(w_fp8: torch.Tensor, scale: torch.Tensor, block: int = BLO
     return (w_fp8.float() * _expand_scale(scale, block, block, w_fp8.shape)).to(dtype)
 
 
+# Per-tensor scaling: the coarse recipe V3 section 3.3.2 improves on (one scale for a whole tensor, so one
+# outlier squeezes every other value towards e4m3's subnormals). Kept for comparison (benchmarks/fp8.py).
+GRANULARITIES = ("block", "tensor")
+
+
+def _check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown FP8 granularity {granularity!r}: use 'block' (V3's 1x128 / 128x128) or 'tensor'")
+
+
+def quantize_tensorwise(x: torch.Tensor, dims=None):
+    """One scale per tensor (or per slice, reducing over `dims`): (x_fp8, fp32 scale), x ~= x_fp8 * scale."""
+    amax = x.abs().amax() if dims is None else x.abs().amax(dim=dims, keepdim=True)
+    scale = _scale_from_amax(amax, False)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def _quantize_a(x: torch.Tensor, block: int, granularity: str):
+    """A GEMM operand quantised along its last (K) dim: 1 x block tiles, or per tensor with the one scale laid out
+    as 1 x block tile scales [rows, ceil(K/block)] so that fp8_matmul takes either."""
+    if granularity == "block":
+        return quantize_act(x, block)
+    q, scale = quantize_tensorwise(x)
+    return q, scale.expand(x.shape[0], _cdiv(x.shape[1], block))
+
+
+def _quantize_w(w: torch.Tensor, block: int, granularity: str):
+    """A weight [out, in] (or [E, out, in]): block x block blocks, or one scale per matrix (per expert) laid out
+    as block scales [..., ceil(out/block), ceil(in/block)]."""
+    if granularity == "block":
+        return quantize_weight(w, block)
+    q, scale = quantize_tensorwise(w, dims=(-2, -1))
+    return q, scale.expand(*w.shape[:-2], _cdiv(w.shape[-2], block), _cdiv(w.shape[-1], block))
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 # What DeepSeek's FP8 release leaves in BF16 (REFERENCE section 5): embeddings, norms, the MoE gate, lm_head;
 # the MTP module's eh_proj is stored unquantised there as well.
@@ -133,10 +168,19 @@ def quantize_checkpoint_weight(w: torch.Tensor, block: int = BLOCK):
     return weight, weight_scale_inv
 
 
-def dequantize_checkpoint_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor, block: int = BLOCK,
+def dequantize_checkpoint_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                                 block: int | tuple[int, int] = BLOCK,
                                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """DeepSeek's released FP8 block -> high precision: weight * weight_scale_inv per 128 x 128 block."""
-    return dequantize_weight(weight, weight_scale_inv, block, dtype)
+    """DeepSeek's released FP8 layout -> high precision: weight * weight_scale_inv per block (128 x 128, or
+    config.json's weight_block_size). The one dequantiser of checkpoints: nanoseek.checkpoint calls it on load.
+    Raises ValueError when the scale's shape does not tile the weight, which a wrong block size would cause."""
+    rows, cols = (block, block) if isinstance(block, int) else tuple(block)
+    out, inp = weight.shape
+    expected = (_cdiv(out, rows), _cdiv(inp, cols))
+    if tuple(weight_scale_inv.shape) != expected:
+        raise ValueError(f"weight_scale_inv has shape {list(weight_scale_inv.shape)}, expected {list(expected)} "
+                         f"for a {list(weight.shape)} weight with {rows}x{cols} blocks")
+    return (weight.float() * _expand_scale(weight_scale_inv.float(), rows, cols, weight.shape)).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- FP8 GEMM
@@ -256,12 +300,12 @@ def fp8_matmul(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------- FP8 Linear
-def _weight_grad(dy: torch.Tensor, x: torch.Tensor, backend: str, block: int) -> torch.Tensor:
+def _weight_grad(dy: torch.Tensor, x: torch.Tensor, backend: str, block: int, granularity: str) -> torch.Tensor:
     """dW = dY^T X [out, in] with both operands in FP8. Its K dim is the token dim, so both are quantised in
     tiles of 128 tokens x 1 channel (1 x 128 tiles of dY^T and X^T), as DeepSeek does for the Wgrad GEMM; the
     forward's per-token tiles of X run along the wrong dim for this GEMM, so X is re-quantised."""
-    g_q, g_s = quantize_act(dy.t(), block)
-    x_q, x_s = quantize_act(x.t(), block)
+    g_q, g_s = _quantize_a(dy.t(), block, granularity)
+    x_q, x_s = _quantize_a(x.t(), block, granularity)
     return fp8_matmul(g_q, g_s, x_q, x_s, backend, torch.float32, block)
 
 
@@ -273,60 +317,64 @@ class _FP8LinearFn(torch.autograd.Function):
     Outputs in the input dtype; dW in fp32 (cast to the master weight's dtype)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, backend, block):
+    def forward(ctx, x, weight, bias, backend, block, granularity):
         x2 = x.reshape(-1, x.shape[-1])
-        x_q, x_s = quantize_act(x2, block)
-        w_q, w_s = quantize_weight(weight.detach(), block)
+        x_q, x_s = _quantize_a(x2, block, granularity)
+        w_q, w_s = _quantize_w(weight.detach(), block, granularity)
         y = fp8_matmul(x_q, x_s, w_q, w_s, backend, torch.float32, block)
         if bias is not None:
             y = y + bias.float()
         # V3 caches the FP8 copy of X; we keep X itself because the Wgrad GEMM quantises it along tokens.
         ctx.save_for_backward(x2, w_q, w_s)
-        ctx.meta = (backend, block, x.shape, weight.dtype, bias is not None)
+        ctx.meta = (backend, block, granularity, x.shape, weight.dtype, bias is not None)
         return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x2, w_q, w_s = ctx.saved_tensors
-        backend, block, x_shape, w_dtype, has_bias = ctx.meta
+        backend, block, granularity, x_shape, w_dtype, has_bias = ctx.meta
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            g_q, g_s = quantize_act(dy2, block)
+            g_q, g_s = _quantize_a(dy2, block, granularity)
             dx = fp8_matmul(g_q, g_s, w_q.t(), w_s.t(), backend, torch.float32, block)
             dx = dx.to(x2.dtype).view(x_shape)
         if ctx.needs_input_grad[1]:
-            dw = _weight_grad(dy2, x2, backend, block).to(w_dtype)
+            dw = _weight_grad(dy2, x2, backend, block, granularity).to(w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(w_dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 class FP8Linear(nn.Linear):
     """nn.Linear whose three GEMMs run in FP8 (see _FP8LinearFn). The `weight` Parameter is the high-precision
     master (fp32 in training), quantised on the fly each call; state_dict and checkpoints are unchanged.
-    A subclass of nn.Linear so code that inits or inspects Linears (in_features, weight) keeps working."""
+    A subclass of nn.Linear so code that inits or inspects Linears (in_features, weight) keeps working.
+    granularity "block" is V3's fine-grained scaling; "tensor" (one scale per operand) is for comparison only."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, backend="auto",
-                 block: int = BLOCK):
+                 block: int = BLOCK, granularity: str = "block"):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.backend, self.block = backend, block
+        _check_granularity(granularity)
+        self.backend, self.block, self.granularity = backend, block, granularity
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str = "auto", block: int = BLOCK) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto", block: int = BLOCK,
+                    granularity: str = "block") -> "FP8Linear":
         """Wrap an existing nn.Linear, sharing its weight and bias Parameters (no copy)."""
+        _check_granularity(granularity)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
-        new.backend, new.block = backend, block
+        new.backend, new.block, new.granularity = backend, block, granularity
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FP8LinearFn.apply(x, self.weight, self.bias, self.backend, self.block)
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self.backend, self.block, self.granularity)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fp8 backend={self.backend}"
+        return f"{super().extra_repr()}, fp8 backend={self.backend}, granularity={self.granularity}"
 
 
 # ---------------------------------------------------------------------------------------------- FP8 experts
@@ -336,9 +384,9 @@ class _FP8GroupedMMFn(torch.autograd.Function):
     for dW[e], token tiles within expert e's rows only."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, backend, block):
-        x_q, x_s = quantize_act(x, block)  # per-row tiles: independent of the grouping
-        w_q, w_s = quantize_weight(w.detach(), block)
+    def forward(ctx, x, w, offsets, backend, block, granularity):
+        x_q, x_s = _quantize_a(x, block, granularity)  # per-row tiles: independent of the grouping
+        w_q, w_s = _quantize_w(w.detach(), block, granularity)
         bounds = [0] + offsets.tolist()
         y = x.new_zeros(x.shape[0], w.shape[1], dtype=torch.float32)
         for e in range(w.shape[0]):
@@ -346,16 +394,16 @@ class _FP8GroupedMMFn(torch.autograd.Function):
             if r1 > r0:
                 y[r0:r1] = fp8_matmul(x_q[r0:r1], x_s[r0:r1], w_q[e], w_s[e], backend, torch.float32, block)
         ctx.save_for_backward(x, w_q, w_s)
-        ctx.meta = (backend, block, bounds, w.dtype)
+        ctx.meta = (backend, block, granularity, bounds, w.dtype)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, w_q, w_s = ctx.saved_tensors
-        backend, block, bounds, w_dtype = ctx.meta
+        backend, block, granularity, bounds, w_dtype = ctx.meta
         dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(w_q.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
-        g_q, g_s = quantize_act(dy, block)
+        g_q, g_s = _quantize_a(dy, block, granularity)
         for e in range(w_q.shape[0]):
             r0, r1 = bounds[e], bounds[e + 1]
             if r1 == r0:
@@ -364,15 +412,17 @@ class _FP8GroupedMMFn(torch.autograd.Function):
                 dx[r0:r1] = fp8_matmul(g_q[r0:r1], g_s[r0:r1], w_q[e].t(), w_s[e].t(), backend, torch.float32,
                                        block)
             if dw is not None:
-                dw[e] = _weight_grad(dy[r0:r1], x[r0:r1], backend, block)
-        return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(w_dtype), None, None, None)
+                dw[e] = _weight_grad(dy[r0:r1], x[r0:r1], backend, block, granularity)
+        return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(w_dtype), None, None, None,
+                None)
 
 
 def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto",
-                   block: int = BLOCK) -> torch.Tensor:
+                   block: int = BLOCK, granularity: str = "block") -> torch.Tensor:
     """FP8 grouped GEMM: x [M, in] sorted by expert, w [E, out, in], offsets [E] cumulative row counts -> [M, out].
     (Note w is [E, out, in], the parameter as stored, not the [E, in, out] view moe.grouped_mm takes.)"""
-    return _FP8GroupedMMFn.apply(x, w, offsets, backend, block)
+    _check_granularity(granularity)
+    return _FP8GroupedMMFn.apply(x, w, offsets, backend, block, granularity)
 
 
 class FP8GroupedExperts(GroupedExperts):
@@ -380,11 +430,13 @@ class FP8GroupedExperts(GroupedExperts):
     Shares the Parameters of the module it converts; routing arithmetic is GroupedExperts.forward's."""
 
     @classmethod
-    def from_experts(cls, experts: GroupedExperts, backend: str = "auto", block: int = BLOCK):
+    def from_experts(cls, experts: GroupedExperts, backend: str = "auto", block: int = BLOCK,
+                     granularity: str = "block"):
+        _check_granularity(granularity)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.gate_proj, new.up_proj, new.down_proj = experts.gate_proj, experts.up_proj, experts.down_proj
-        new.backend, new.block = backend, block
+        new.backend, new.block, new.granularity = backend, block, granularity
         return new
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -394,23 +446,28 @@ class FP8GroupedExperts(GroupedExperts):
         token = order // k
         offsets = torch.bincount(flat, minlength=self.gate_proj.shape[0]).cumsum(0)
         xs = x[token]
-        mm = lambda inp, w: fp8_grouped_mm(inp, w, offsets, self.backend, self.block)  # noqa: E731
+
+        def mm(inp, w):
+            return fp8_grouped_mm(inp, w, offsets, self.backend, self.block, self.granularity)
+
         h = F.silu(mm(xs, self.gate_proj)) * mm(xs, self.up_proj)
         y = mm(h, self.down_proj) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
     def extra_repr(self) -> str:
-        return f"fp8 backend={self.backend}"
+        return f"fp8 backend={self.backend}, granularity={self.granularity}"
 
 
 # ---------------------------------------------------------------------------------------------- converter
 def convert_to_fp8(model: nn.Module, backend: str = "auto", skip: tuple[str, ...] = ("lm_head",),
-                   block: int = BLOCK) -> nn.Module:
+                   block: int = BLOCK, granularity: str = "block") -> nn.Module:
     """Swap, in place, every nn.Linear for an FP8Linear and every GroupedExperts for FP8GroupedExperts, sharing
     their Parameters (so optimizers and checkpoints see the same tensors). Modules whose last name is in `skip`
     stay as they are: by default the output head, which V3 keeps in BF16 along with the embedding, MoE gate
     (Router, not a Linear), norms and attention core (no Linear there), none of which are touched.
+    granularity "tensor" swaps V3's fine-grained scales for one scale per tensor (a baseline to compare with).
     Returns the model; the converted names are logged and stored in model.fp8_modules."""
+    _check_granularity(granularity)
     converted = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -418,12 +475,13 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", skip: tuple[str, ...
             if child_name in skip or isinstance(child, (FP8Linear, FP8GroupedExperts)):
                 continue
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, FP8Linear.from_linear(child, backend, block))
+                setattr(module, child_name, FP8Linear.from_linear(child, backend, block, granularity))
             elif isinstance(child, GroupedExperts):
-                setattr(module, child_name, FP8GroupedExperts.from_experts(child, backend, block))
+                setattr(module, child_name, FP8GroupedExperts.from_experts(child, backend, block, granularity))
             else:
                 continue
             converted.append(full)
     model.fp8_modules = converted
-    log.info("FP8: converted %d modules (backend=%s): %s", len(converted), backend, ", ".join(converted))
+    log.info("FP8: converted %d modules (backend=%s, granularity=%s): %s", len(converted), backend, granularity,
+             ", ".join(converted))
     return model

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek.checkpoint as ckpt
 from nanoseek import ModelConfig, Transformer
-from nanoseek.checkpoint import CheckpointError, dequantize_fp8_block
+from nanoseek.checkpoint import CheckpointError
+from nanoseek.fp8 import dequantize_checkpoint_weight
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +111,23 @@ def test_deepseek_fp8_checkpoint_is_dequantised_on_load(model, tmp_path):
     assert Transformer.from_pretrained(tmp_path).embed_tokens.weight.dtype == torch.bfloat16
 
 
-def test_dequantize_handles_ragged_blocks():
+def test_dequantize_handles_ragged_blocks(model, tmp_path):
     w = torch.randn(200, 130)
     q, s = naive_fp8_block_quant(w)
     assert s.shape == (2, 2)
-    back = dequantize_fp8_block(q, s)
+    back = dequantize_checkpoint_weight(q, s, dtype=torch.float32)
     assert back.shape == w.shape and (back - w).abs().max() <= w.abs().max() / 8
-    with pytest.raises(CheckpointError, match=r"weight_scale_inv has shape \[1, 2\], expected \[2, 2\]"):
-        dequantize_fp8_block(q, s[:1])
+    with pytest.raises(ValueError, match=r"weight_scale_inv has shape \[1, 2\], expected \[2, 2\]"):
+        dequantize_checkpoint_weight(q, s[:1])
+    # in a checkpoint directory the same mistake is a CheckpointError naming the tensor
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.0.self_attn.kv_b_proj.weight"
+    q, s = naive_fp8_block_quant(tensors[key])
+    tensors[key], tensors[key + "_scale_inv"] = q, s[:1]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{key}: weight_scale_inv has shape \[1, 1\], expected \[2, 1\]"):
+        Transformer.from_pretrained(tmp_path)
 
 
 def test_missing_unexpected_and_misshaped_tensors_are_named(model, tmp_path):

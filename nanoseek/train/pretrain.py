@@ -5,6 +5,10 @@ Per step (one global batch of --batch-size sequences, split into micro-batches f
 then gradient clipping, AdamW on fp32 master weights, and the auxiliary-loss-free bias update from the whole
 batch's expert counts. Defaults are the papers' (REFERENCE sections 3-4): lambda 0.3, alpha 1e-4, gamma 1e-3,
 AdamW betas (0.9, 0.95), weight decay 0.1, clipping at 1.0.
+
+Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel (FSDP2) and, with --ep E, expert parallel; see
+nanoseek/distributed.py. Every rank draws the same global batch and trains on its own slice, so an N-process run
+follows the 1-process run; checkpoints hold the whole model and optimizer, whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class TrainConfig:
     resume: bool = False
     max_bad_steps: int = 5
     config: str | None = None  # a config.json whose fields override the preset (vocab_size comes from the data)
+    ep: int = 1  # expert-parallel degree under torchrun (routed experts split over groups of ep ranks)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         cfg = ModelConfig.from_json(self.config) if self.config else ModelConfig.from_preset(self.preset)
@@ -82,21 +87,48 @@ def compute_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: Train
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, val, tc: TrainConfig) -> float:
+def evaluate(model: Transformer, val, tc: TrainConfig, info=None) -> float:
+    """Mean validation cross-entropy over the first eval_batches sequential batches. Distributed (`info`), each
+    rank takes its slice of every batch and the sums are reduced, so the value is the single-process one."""
     model.eval()
     total, n = 0.0, 0
     for i, (x, y) in enumerate(val.iter_sequential(tc.micro_batch_size or tc.batch_size)):
         if i >= tc.eval_batches:
             break
+        if info is not None:
+            x, y = (t.tensor_split(info.world_size)[info.rank].to(info.device) for t in (x, y))
+            if x.shape[0] == 0:  # a short last batch: run a dummy row so every rank joins the collectives
+                model(val.iter_sequential(1).__next__()[0].to(info.device))
+                continue
         logits = model(x)
         total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
         n += y.numel()
+    if info is not None:
+        from nanoseek.distributed import all_reduce_sum
+        total, n = all_reduce_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=info.device)).tolist()
     model.train()
     return total / max(1, n)
 
 
 def train(tc: TrainConfig, progress: bool = True) -> dict:
-    """Run (or resume) a pretraining run; returns a summary. See the module docstring for the objective."""
+    """Run (or resume) a pretraining run; returns a summary. See the module docstring for the objective.
+
+    Under torchrun (WORLD_SIZE > 1) this process joins the group, trains its share and leaves the group again;
+    otherwise it is the plain single-process loop."""
+    from nanoseek import distributed
+
+    info = distributed.init_distributed()
+    if info is None and tc.ep != 1:
+        raise ValueError(f"--ep {tc.ep} needs several processes: launch with torchrun --nproc_per_node N")
+    try:
+        return _train(tc, progress, info)
+    finally:
+        if info is not None and info.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(tc: TrainConfig, progress: bool, info) -> dict:
+    from nanoseek import distributed
     from nanoseek.data import TokenDataset, load_manifest
 
     if not tc.data:
@@ -106,15 +138,26 @@ def train(tc: TrainConfig, progress: bool = True) -> dict:
     if tc.batch_size % micro:
         raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --micro-batch-size {micro}")
     accum = tc.batch_size // micro
+    world, rank = (info.world_size, info.rank) if info else (1, 0)
+    is_main = rank == 0
+    if micro % world:
+        raise ValueError(f"the micro-batch ({micro} sequences) must split evenly over {world} processes: "
+                         "change --batch-size / --micro-batch-size or the number of processes")
+    if tc.fp8 and tc.ep > 1:
+        raise ValueError("--fp8 with --ep > 1 is not supported yet: expert-parallel experts run unquantised")
     torch.manual_seed(tc.seed)
     cfg = tc.model_config(manifest["vocab_size"])
-    model = Transformer(cfg).train()
+    model = Transformer(cfg).train()  # the same initial weights on every rank (same seed), sharded below
     if tc.fp8:
         from nanoseek.fp8 import convert_to_fp8
         convert_to_fp8(model)
     lr = tc.lr if tc.lr is not None else DEFAULT_LR.get(tc.preset, 2.2e-4)
     warmup = tc.warmup if tc.warmup is not None else min(100, tc.steps // 10)
+    if info is not None:
+        model.to(info.device)
+        distributed.parallelize(model, distributed.make_mesh(info, tc.ep), ep=tc.ep)
     optimizer = make_optimizer(model, lr, tc.weight_decay)
+    # rank 0's sampler on every rank: all draw the same global batch, each trains on its slice
     data = TokenDataset(tc.data, "train", tc.seq_len, seed=tc.seed)
     val = TokenDataset(tc.data, "val", tc.seq_len) if tc.eval_every else None
     guard = NonFiniteGuard(tc.max_bad_steps)
@@ -126,17 +169,22 @@ def train(tc: TrainConfig, progress: bool = True) -> dict:
         path = latest_checkpoint(tc.out)
         if path is None:
             raise ValueError(f"--resume: {tc.out} has no complete checkpoint to resume from")
-        state = load_checkpoint(path, model, optimizer)
+        if info is None:
+            state = load_checkpoint(path, model, optimizer)
+        else:
+            state = _load_distributed(path, model, optimizer, cfg, lr, tc)
         if state["train_config"]["steps"] != tc.steps:
             raise ValueError(f"--resume with --steps {tc.steps}, but the run was started with --steps "
                              f"{state['train_config']['steps']}: the schedule would change")
         data.load_state_dict(state["data"])
         guard.load_state_dict(state["guard"])
         start, tokens_seen = state["step"], state["tokens_seen"]
-    os.makedirs(tc.out, exist_ok=True)
-    log = MetricsLog(tc.out, start)
+    if is_main:
+        os.makedirs(tc.out, exist_ok=True)
+    log = MetricsLog(tc.out, start) if is_main else None
     moe = model.moe_layers()
-    bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main), desc="pretrain",
+               dynamic_ncols=True)
     last: dict = {}
     try:
         for step in range(start + 1, tc.steps + 1):
@@ -148,13 +196,25 @@ def train(tc: TrainConfig, progress: bool = True) -> dict:
             parts_sum = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
             for _ in range(accum):
                 x, y = data.batch(micro)
+                if info is not None:
+                    x, y = (t.tensor_split(world)[rank].to(info.device) for t in (x, y))
                 loss, parts = compute_loss(model, x, y, tc)
                 (loss / accum).backward()
                 for c, layer in zip(counts, moe):
                     c += layer.last_routing.counts.cpu()
                 for k, v in parts.items():
                     parts_sum[k] += v.item() / accum
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            if info is None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            else:
+                grad_norm = float(distributed.clip_grad_norm_(model, tc.grad_clip))
+                # losses: mean over ranks (equal slices); expert counts: summed over ranks, so the bias update
+                # and the load statistics see the whole global batch, identically on every rank
+                reduced = distributed.all_reduce_sum(torch.tensor(list(parts_sum.values()), dtype=torch.float64,
+                                                                  device=info.device)) / world
+                parts_sum = dict(zip(parts_sum, reduced.tolist()))
+                if counts:
+                    counts = list(distributed.all_reduce_sum(torch.stack(counts).to(info.device)).cpu())
             applied = guard.check(step, parts_sum["loss"], grad_norm)
             if applied:
                 optimizer.step()
@@ -168,20 +228,57 @@ def train(tc: TrainConfig, progress: bool = True) -> dict:
             if not applied:
                 rec["skipped"] = True
             if val is not None and (step % tc.eval_every == 0 or step == tc.steps):
-                rec["val_loss"] = evaluate(model, val, tc)
-            log.write(rec)
+                rec["val_loss"] = evaluate(model, val, tc, info)
+            if log is not None:
+                log.write(rec)
             last = rec
             bar.set_postfix(loss=f"{parts_sum['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
             if step == tc.steps or (tc.save_every and step % tc.save_every == 0):
                 state = {"train_config": dataclasses.asdict(tc), "data": data.state_dict(),
                          "guard": guard.state_dict(), "tokens_seen": tokens_seen}
-                save_checkpoint(tc.out, step, model, optimizer, state, tokenizer_dir, tc.keep)
+                if info is None:
+                    save_checkpoint(tc.out, step, model, optimizer, state, tokenizer_dir, tc.keep)
+                else:
+                    _save_distributed(tc, step, model, optimizer, state, tokenizer_dir, cfg, lr, is_main)
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     return {"run_dir": tc.out, "steps": tc.steps, "final_loss": last.get("loss"), "val_loss": last.get("val_loss"),
             "skipped_steps": guard.skipped, "checkpoint": latest_checkpoint(tc.out), "tokens": tokens_seen}
+
+
+def _plain_model(cfg: ModelConfig) -> Transformer:
+    """An unsharded model without initialisation (meta tensors): a container for whole state."""
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def _save_distributed(tc, step, model, optimizer, state, tokenizer_dir, cfg, lr, is_main) -> None:
+    """Gather whole model and optimizer state (a collective on every rank); rank 0 writes the usual
+    single-process checkpoint from them, so any number of processes can resume it."""
+    from nanoseek import distributed
+    model_state = distributed.full_state_dict(model)
+    optim_state = distributed.full_optimizer_state_dict(model, optimizer)
+    if is_main:
+        plain = _plain_model(cfg)
+        plain.load_state_dict(model_state, assign=True)
+        plain_optimizer = make_optimizer(plain, lr, tc.weight_decay)
+        plain_optimizer.load_state_dict(optim_state)
+        save_checkpoint(tc.out, step, plain, plain_optimizer, state, tokenizer_dir, tc.keep)
+    torch.distributed.barrier()  # nobody reads `latest` before rank 0 has moved it
+
+
+def _load_distributed(path, model, optimizer, cfg, lr, tc) -> dict:
+    """Every rank reads the whole checkpoint (shared filesystem) through the single-process loader into a plain
+    model and optimizer, then keeps its own shard."""
+    from nanoseek import distributed
+    plain = Transformer(cfg)
+    plain_optimizer = make_optimizer(plain, lr, tc.weight_decay)
+    state = load_checkpoint(path, plain, plain_optimizer)  # also restores the torch RNG
+    distributed.load_full_state(model, optimizer, plain.state_dict(), plain_optimizer.state_dict())
+    return state
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -197,6 +294,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "mtp_lambda", "bias_gamma", "balance_alpha"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--schedule", choices=["cosine", "wsd"], default=d.schedule)
+    p.add_argument("--ep", type=int, default=d.ep,
+                   help="expert parallelism under torchrun: split routed experts over groups of EP ranks")
     p.add_argument("--fp8", action="store_true", help="FP8 GEMMs with 1x128 / 128x128 scaling (V3 section 3.3)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--no-plot", action="store_true")
@@ -210,6 +309,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     summary = train(config_from_args(args), progress=not args.json)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 plots and prints
+        return
     if not args.no_plot:
         from nanoseek.plot import plot_run
         summary["plots"] = plot_run(args.out)
