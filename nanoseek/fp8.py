@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model.moe import GroupedExperts
+from nanoseek.model.moe import GroupedExperts, grouped_mm
 
 log = logging.getLogger(__name__)
 
@@ -195,19 +195,21 @@ def _row_scales(scale: torch.Tensor, rows: int, block: int) -> torch.Tensor:
                      f"of an operand with {rows} rows")
 
 
+def _dequantize_rows(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """An NT operand back in fp32 from its per-(row, K chunk) scales (see _row_scales)."""
+    s = _row_scales(scale, q.shape[0], block).float().repeat_interleave(block, dim=-1)[:, : q.shape[1]]
+    return q.float() * s
+
+
 def _matmul_emulate(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                     out_dtype: torch.dtype, block: int) -> torch.Tensor:
-    """a [M, K] @ b [N, K].T as FP8 tensor cores do it with DeepSeek's promotion (V3 section 3.3.2, Fig. 7b):
-    each 128-wide K chunk is an FP8 x FP8 product summed inside the tensor core (in fp32 here, where the H800's
-    keeps ~14 bits; within 128 products that difference is tiny), then promoted: multiplied by the chunk's two
-    scales and added to an fp32 accumulator. Products of e4m3 values are exact in fp32."""
-    m, k = a.shape
-    n = b.shape[0]
-    sa, sb = _row_scales(sa, m, block).float(), _row_scales(sb, n, block).float()
-    out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
-    for c, k0 in enumerate(range(0, k, block)):
-        partial = a[:, k0:k0 + block].float() @ b[:, k0:k0 + block].float().t()
-        out += partial * sa[:, c, None] * sb[None, :, c]
+    """a [M, K] @ b [N, K].T as FP8 tensor cores do it with DeepSeek's promotion (V3 section 3.3.2, Fig. 7b).
+    There each 128-wide K chunk is an FP8 x FP8 product summed in the tensor core, then multiplied by the chunk's
+    two scales and added to an fp32 accumulator. Products of e4m3 values are exact in fp32, so that equals
+    dequantising both operands and summing all of K in fp32, up to fp32 rounding order: what this does, in one
+    matmul. (The H800's ~14-bit in-core accumulation over <= 128 products is not modelled: promotion exists to
+    bound exactly that error, and it is small within one chunk.)"""
+    out = _dequantize_rows(a, sa, block) @ _dequantize_rows(b, sb, block).t()
     return out.to(out_dtype)
 
 
@@ -388,11 +390,16 @@ class _FP8GroupedMMFn(torch.autograd.Function):
         x_q, x_s = _quantize_a(x, block, granularity)  # per-row tiles: independent of the grouping
         w_q, w_s = _quantize_w(w.detach(), block, granularity)
         bounds = [0] + offsets.tolist()
-        y = x.new_zeros(x.shape[0], w.shape[1], dtype=torch.float32)
-        for e in range(w.shape[0]):
-            r0, r1 = bounds[e], bounds[e + 1]
-            if r1 > r0:
-                y[r0:r1] = fp8_matmul(x_q[r0:r1], x_s[r0:r1], w_q[e], w_s[e], backend, torch.float32, block)
+        if _resolve_backend(backend, x.device) == "emulate":
+            # one grouped GEMM of the dequantised operands: the same numbers as per-expert fp8_matmul calls
+            y = grouped_mm(dequantize_act(x_q, x_s, block), dequantize_weight(w_q, w_s, block).transpose(1, 2),
+                           offsets).float()
+        else:
+            y = x.new_zeros(x.shape[0], w.shape[1], dtype=torch.float32)
+            for e in range(w.shape[0]):
+                r0, r1 = bounds[e], bounds[e + 1]
+                if r1 > r0:
+                    y[r0:r1] = fp8_matmul(x_q[r0:r1], x_s[r0:r1], w_q[e], w_s[e], backend, torch.float32, block)
         ctx.save_for_backward(x, w_q, w_s)
         ctx.meta = (backend, block, granularity, bounds, w.dtype)
         return y.to(x.dtype)
@@ -404,14 +411,18 @@ class _FP8GroupedMMFn(torch.autograd.Function):
         dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(w_q.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
         g_q, g_s = _quantize_a(dy, block, granularity)
+        emulate = _resolve_backend(backend, x.device) == "emulate"
+        if dx is not None and emulate:  # dX = dY W per expert, as one grouped GEMM (w [E, out, in] is [E, K, N])
+            offsets = torch.tensor(bounds[1:], device=x.device)
+            dx = grouped_mm(dequantize_act(g_q, g_s, block), dequantize_weight(w_q, w_s, block), offsets).float()
         for e in range(w_q.shape[0]):
             r0, r1 = bounds[e], bounds[e + 1]
             if r1 == r0:
                 continue
-            if dx is not None:
+            if dx is not None and not emulate:
                 dx[r0:r1] = fp8_matmul(g_q[r0:r1], g_s[r0:r1], w_q[e].t(), w_s[e].t(), backend, torch.float32,
                                        block)
-            if dw is not None:
+            if dw is not None:  # token tiles must stay inside one expert's rows, hence a loop
                 dw[e] = _weight_grad(dy[r0:r1], x[r0:r1], backend, block, granularity)
         return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(w_dtype), None, None, None,
                 None)
