@@ -120,8 +120,8 @@ def memory_per_rank(c: ModelConfig, world_size: int, ep: int = 1, batch_tokens_p
         split over ep ranks, then sharded over the other world_size / ep), so each is (main + MTP params) /
         world_size at `dtype`.
     optimizer: OPTIMIZER_BYTES[optimizer] per local parameter (AdamW: exp_avg and exp_avg_sq in fp32).
-    gathered: the transient unsharded working set: the root (embedding, head) plus the largest block with
-        1/ep of its routed experts, parameters and gradients, at `dtype`.
+    gathered: the transient unsharded working set: the root (embedding, head) plus the largest FSDP unit (a block
+        or an MTP module) with 1/ep of its routed experts, parameters and gradients, at `dtype`.
     activations: an estimate, no activation checkpointing, attention without a stored score matrix (flash /
         SDPA style). Per token and block, values saved for backward at `dtype`:
           attention 2d (block input, normed input) + 2 q_lora_rank + 2 kv_lora_rank + qk_rope_head_dim
@@ -144,9 +144,10 @@ def memory_per_rank(c: ModelConfig, world_size: int, ep: int = 1, batch_tokens_p
     layers = list(range(c.num_hidden_layers + c.num_nextn_predict_layers))
     routed = 3 * c.hidden_size * c.moe_intermediate_size * c.n_routed_experts
 
-    def gathered_block(i: int) -> int:
+    def gathered_block(i: int) -> int:  # one FSDP unit: a block, or an MTP module (its block, eh_proj, 3 norms)
         b = block_params(c, i)
-        return b.attention + b.norms + b.ffn_total - (routed - routed // ep if c.is_moe_layer(i) else 0)
+        mtp = 2 * c.hidden_size ** 2 + 3 * c.hidden_size if i >= c.num_hidden_layers else 0
+        return b.attention + b.norms + b.ffn_total - (routed - routed // ep if c.is_moe_layer(i) else 0) + mtp
 
     root = p["by_part"]["embedding"] + p["by_part"]["output_head"]
     gathered = 2 * (root + max(gathered_block(i) for i in layers)) * nbytes

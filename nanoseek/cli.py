@@ -10,7 +10,7 @@ import sys
 
 # Modules that register their own subcommands with `add_cli(subparsers)`, imported only if present.
 PLUGIN_MODULES = ("nanoseek.demo", "nanoseek.tokenizer", "nanoseek.data", "nanoseek.train.pretrain", "nanoseek.plot",
-                  "nanoseek.chat")
+                  "nanoseek.chat", "nanoseek.train.sft", "nanoseek.train.grpo", "nanoseek.eval")
 
 
 def _load_config(preset_or_dir: str):
@@ -61,10 +61,20 @@ def cmd_info(args) -> None:
     from nanoseek.accounting import summary
     c = _load_config(args.model)
     s = summary(c)
+    if args.world_size:
+        from nanoseek.accounting import memory_per_rank
+        s["memory_per_rank"] = memory_per_rank(c, args.world_size, args.ep, args.tokens_per_rank, args.train_dtype)
     if args.json:
         print(json.dumps(s))
-    else:
-        print(info_table(args.model, c, s))
+        return
+    print(info_table(args.model, c, s))
+    m = s.get("memory_per_rank")
+    if m:
+        gib = 2 ** 30
+        print(f"\ntraining memory per rank: {m['world_size']} ranks, ep={m['ep']}, {m['dtype']} weights, "
+              f"{m['batch_tokens_per_rank']} tokens per rank (FSDP2 + expert parallel)")
+        for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "gathered_bytes", "activation_bytes", "total_bytes"):
+            print(f"  {key.replace('_bytes', ''):<12}{m[key] / gib:>10.1f} GiB")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="parameters, active parameters, KV-cache bytes and FLOPs of a preset or checkpoint")
     s.add_argument("model", metavar="PRESET_OR_DIR")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--world-size", type=int, default=0, help="also plan training memory per rank on N ranks")
+    s.add_argument("--ep", type=int, default=1, help="expert-parallel degree for --world-size")
+    s.add_argument("--tokens-per-rank", type=int, default=4096, help="micro-batch tokens per rank for --world-size")
+    s.add_argument("--train-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     s.set_defaults(func=cmd_info)
 
     for name in PLUGIN_MODULES:

@@ -129,3 +129,16 @@ def test_info_cli_json_and_table(tmp_path):
     assert table.returncode == 0 and "MLA latent" in table.stdout and "active per token" in table.stdout
     bad = run_cli("info", "nope")
     assert bad.returncode != 0 and "neither a preset" in bad.stderr
+
+
+def test_info_plans_memory_per_rank(capsys):
+    from nanoseek.accounting import memory_per_rank
+    from nanoseek.cli import main
+    main(["info", "v3", "--world-size", "256", "--ep", "8", "--json"])
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = d["memory_per_rank"]
+    assert m == memory_per_rank(ModelConfig.from_preset("v3"), 256, 8)
+    # every parameter lives on one rank: V3 + MTP over 256 ranks, at 2 bytes
+    assert m["param_bytes"] == 2 * -(-(param_counts(ModelConfig.from_preset("v3"))["total_params"] + 11_610_067_968) // 256)
+    with pytest.raises(ValueError, match="must divide"):
+        memory_per_rank(ModelConfig.from_preset("v3"), 256, 3)

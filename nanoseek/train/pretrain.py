@@ -121,10 +121,12 @@ def train(tc: TrainConfig, progress: bool = True) -> dict:
     if info is None and tc.ep != 1:
         raise ValueError(f"--ep {tc.ep} needs several processes: launch with torchrun --nproc_per_node N")
     try:
-        return _train(tc, progress, info)
-    finally:
-        if info is not None and info.owns_group:
-            torch.distributed.destroy_process_group()
+        summary = _train(tc, progress, info)
+    except BaseException:
+        distributed.shutdown(info, clean=False)
+        raise
+    distributed.shutdown(info)
+    return summary
 
 
 def _train(tc: TrainConfig, progress: bool, info) -> dict:
@@ -236,7 +238,7 @@ def _train(tc: TrainConfig, progress: bool, info) -> dict:
             bar.update(1)
             if step == tc.steps or (tc.save_every and step % tc.save_every == 0):
                 state = {"train_config": dataclasses.asdict(tc), "data": data.state_dict(),
-                         "guard": guard.state_dict(), "tokens_seen": tokens_seen}
+                         "guard": guard.state_dict(), "tokens_seen": tokens_seen, "world_size": world}
                 if info is None:
                     save_checkpoint(tc.out, step, model, optimizer, state, tokenizer_dir, tc.keep)
                 else:

@@ -1,0 +1,316 @@
+"""Scale-out on torch.distributed, applied from outside the model (the model code has no distributed branches).
+
+Launch with torchrun; every process runs the same program:
+
+    torchrun --nproc_per_node N -m nanoseek pretrain ... [--ep E]
+
+Pieces, in the order a trainer uses them:
+  init_distributed()        process group from torchrun's env vars (gloo on CPU, NCCL on GPU); None if single-process
+  make_mesh(info, ep)       a 2-D device mesh ("dp", "ep"): world = dp x ep ranks, expert-parallel groups of ep
+                            consecutive ranks (on GPUs: within one node, where all-to-all is fastest)
+  parallelize(model, mesh)  expert parallelism for every MoE layer (ep > 1), then FSDP2 per block and the root
+  clip_grad_norm_()         the global gradient norm over sharded and expert-parallel parameters
+  full_state_dict(), full_optimizer_state_dict(), load_full_state()
+                            whole (unsharded) model and optimizer state, so checkpoints do not depend on world size
+
+Expert parallelism (DeepSeek-V3 section 3.2): rank r of an ep group keeps routed experts [r E/ep, (r+1) E/ep).
+Each MoE forward: route locally, send every token copy to the rank that owns its expert (all-to-all, counts
+first so every rank knows how many rows it will receive), run the local experts as one grouped matmul, send the
+results back (the reverse all-to-all), and combine them in the original token order. No token is dropped.
+The backward of an all-to-all is the all-to-all with the splits swapped (`AllToAll`).
+
+Sharding: every parameter outside the routed experts is FSDP-sharded over all ranks. Routed expert weights are
+first split over the ep dimension and then FSDP-sharded over the remaining dp dimension (world / ep ranks), so
+every element of every parameter lives on exactly one rank. Their gradients arrive summed over the ep group
+(through the all-to-all backward), so their reduce-scatter divides by the world size, not by dp.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.moe import GroupedExperts, MoE, grouped_mm
+
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch 2.4 / 2.5 kept FSDP2 under _composable
+    from torch.distributed._composable.fsdp import fully_shard
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # torch < 2.5
+    from torch.distributed._tensor import DTensor, distribute_tensor
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+# ------------------------------------------------------------------------------------------ process group
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool  # init_distributed created the process group (and so should destroy it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo | None:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+
+    Returns None when WORLD_SIZE is unset or 1: the caller then runs its plain single-process path.
+    NCCL and one GPU per process (cuda:LOCAL_RANK) when CUDA is available, else gloo on CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend)
+    return DistInfo(rank, world, local, device, owns)
+
+
+def shutdown(info: DistInfo | None, clean: bool = True) -> None:
+    """Leave the process group if init_distributed created it. After a clean run, a barrier first: a rank that
+    tears gloo down while a peer still finishes its last exchange can abort that peer. After an error, no
+    barrier (the other ranks may never reach it)."""
+    if info is not None and info.owns_group:
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def make_mesh(info: DistInfo, ep: int = 1) -> DeviceMesh:
+    """A ("dp", "ep") device mesh of world_size / ep by ep ranks."""
+    if ep < 1 or info.world_size % ep:
+        raise ValueError(f"--ep {ep} must divide the number of processes ({info.world_size})")
+    return init_device_mesh(info.device.type, (info.world_size // ep, ep), mesh_dim_names=("dp", "ep"))
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """A summed copy of `t` over the group (all ranks by default)."""
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+# ------------------------------------------------------------------------------------------ token dispatch
+class AllToAll(torch.autograd.Function):
+    """all_to_all_single with autograd: rows x[sum(in_splits[:j]) : ...] go to rank j of `group`; rank j's
+    rows for this rank arrive in rank order, out_splits[j] of them. The gradient takes the reverse route."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+def _swiglu_grouped(xs, gate, up, down, offsets) -> torch.Tensor:
+    """Rows sorted by expert through their expert's SwiGLU (the same math as GroupedExperts.forward)."""
+    if xs.shape[0] == 0:  # nothing routed here: an empty result, still wired to the input (so the backward
+        # all-to-all runs on this rank too) and to every weight (zero gradients)
+        return xs.new_zeros(0, down.shape[1]) + 0 * (xs.sum() + gate.sum() + up.sum() + down.sum())
+    h = F.silu(grouped_mm(xs, gate.transpose(1, 2), offsets)) * grouped_mm(xs, up.transpose(1, 2), offsets)
+    return grouped_mm(h, down.transpose(1, 2), offsets)
+
+
+class ExpertParallelExperts(nn.Module):
+    """This rank's share of a GroupedExperts: experts [first, first + E/ep), under the same parameter names,
+    plus the all-to-all dispatch and combine around them. A drop-in for GroupedExperts inside MoE."""
+
+    def __init__(self, experts: GroupedExperts, group):
+        super().__init__()
+        self.group = group
+        self.ep, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.num_experts = experts.gate_proj.shape[0]
+        if self.num_experts % self.ep:
+            raise ValueError(f"--ep {self.ep} must divide n_routed_experts ({self.num_experts})")
+        self.num_local = self.num_experts // self.ep
+        self.first = rank * self.num_local
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            full = getattr(experts, name).detach()
+            setattr(self, name, nn.Parameter(full[self.first: self.first + self.num_local].clone()))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, d], indices/weights [N, k] (global expert ids) -> [N, d], as GroupedExperts.forward."""
+        n, k = indices.shape
+        ep, local = self.ep, self.num_local
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)  # token slots sorted by expert, hence grouped by the owning rank
+        token = order // k
+        xs = x.index_select(0, token)
+
+        # 1. counts first: recv_counts[src, e] = rows rank src sends for my local expert e
+        send_counts = torch.bincount(flat, minlength=self.num_experts)
+        recv_counts = _all_to_all(send_counts, [local] * ep, [local] * ep, self.group).view(ep, local)
+        send_splits = send_counts.view(ep, local).sum(1).tolist()
+        recv_splits = recv_counts.sum(1).tolist()
+
+        # 2. tokens out; they arrive grouped by source rank, then by expert: regroup by local expert
+        xr = AllToAll.apply(xs, recv_splits, send_splits, self.group)
+        expert_of_row = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(ep),
+                                                recv_counts.flatten(), output_size=xr.shape[0])
+        perm = expert_of_row.argsort(stable=True)
+        offsets = recv_counts.sum(0).cumsum(0)
+        y = _swiglu_grouped(xr.index_select(0, perm), self.gate_proj, self.up_proj, self.down_proj, offsets)
+
+        # 3. back to arrival order, back to the sending ranks, weighted and summed per token
+        y = y.index_select(0, perm.argsort())
+        y = AllToAll.apply(y, send_splits, recv_splits, self.group)
+        y = y * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+
+def apply_expert_parallel(module: nn.Module, ep_group) -> None:
+    """Swap every MoE layer's GroupedExperts (module itself included) for this rank's ExpertParallelExperts."""
+    for m in list(module.modules()):
+        if isinstance(m, MoE) and isinstance(m.experts, GroupedExperts):
+            m.experts = ExpertParallelExperts(m.experts, ep_group)
+
+
+def expert_parallel_names(model: nn.Module) -> dict[str, ExpertParallelExperts]:
+    """Parameter name -> its ExpertParallelExperts, for every expert-parallel parameter."""
+    out = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, ExpertParallelExperts):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{prefix}.{name}"] = m
+    return out
+
+
+# ------------------------------------------------------------------------------------------ parallelize
+def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None) -> nn.Module:
+    """Make a (fully initialised, identical on every rank) model data + expert parallel, in place.
+
+    ep > 1: routed experts split over mesh["ep"] (see ExpertParallelExperts), FSDP-sharded over mesh["dp"].
+    Then fully_shard on every block (transformer layers and MTP modules) and on the root (embedding, head, final
+    norm) over all ranks: parameters, gradients and optimizer state are sharded; each block is all-gathered
+    just before it runs and freed after. `mp_policy` (an FSDP MixedPrecisionPolicy) is passed through.
+    """
+    world = mesh.size()
+    kw = {} if mp_policy is None else {"mp_policy": mp_policy}
+    if ep > 1:
+        if mesh["ep"].size() != ep:
+            raise ValueError(f"the mesh has an ep dimension of {mesh['ep'].size()}, not {ep}")
+        apply_expert_parallel(model, mesh["ep"].get_group())
+        for m in model.modules():
+            if isinstance(m, ExpertParallelExperts):
+                fully_shard(m, mesh=mesh["dp"], **kw)
+                # gradients already summed over the ep group by the all-to-all backward: average over all ranks
+                m.set_gradient_divide_factor(float(world))
+    world_mesh = DeviceMesh.from_group(dist.group.WORLD, mesh.device_type) if mesh.ndim > 1 else mesh
+    for mtp in model.mtp:  # Transformer.mtp_logits calls shared_head.norm itself, outside MTPModule.forward
+        fully_shard(mtp.shared_head.norm, mesh=world_mesh, **kw)
+    for block in [*model.layers, *model.mtp]:
+        fully_shard(block, mesh=world_mesh, **kw)
+    fully_shard(model, mesh=world_mesh, **kw)
+    return model
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip gradients to a global L2 norm of max_norm; returns the norm before clipping.
+
+    After parallelize, every parameter element is stored on exactly one rank (FSDP shard or expert-parallel
+    slice), so the global squared norm is the sum over ranks of the local shards' squared norms.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    device = local[0].device if local else torch.device("cpu")
+    sq = sum((g.float().pow(2).sum() for g in local), torch.zeros((), device=device))
+    dist.all_reduce(sq)
+    norm = sq.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in local:
+        g.mul_(scale.to(g.dtype))
+    return norm
+
+
+# ------------------------------------------------------------------------------------------ full state
+def _gather(t: torch.Tensor, ep_module: ExpertParallelExperts | None) -> torch.Tensor:
+    """The whole tensor on CPU: FSDP shards all-gathered, expert-parallel slices concatenated (collective)."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    if ep_module is not None:
+        parts = [torch.empty_like(t) for _ in range(ep_module.ep)]
+        dist.all_gather(parts, t.contiguous(), group=ep_module.group)
+        t = torch.cat(parts)
+    return t.detach().cpu()
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor, ep_module: ExpertParallelExperts | None) -> torch.Tensor:
+    """This rank's part of `full`, placed as `like` is (the inverse of _gather; no communication)."""
+    if ep_module is not None:
+        full = full[ep_module.first: ep_module.first + ep_module.num_local]
+    full = full.to(device=like.device, dtype=like.dtype)
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    return full
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict (nanoseek names, CPU tensors) on every rank. Collective: all ranks call it."""
+    ep_names = expert_parallel_names(model)
+    return {name: _gather(t, ep_names.get(name)) for name, t in model.state_dict().items()}
+
+
+def _optimizer_params(model: nn.Module, optimizer) -> list[tuple[str, nn.Parameter]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names[id(p)], p) for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer) -> dict:
+    """optimizer.state_dict() with every per-parameter tensor made whole (collective). Its indices are the
+    single-process optimizer's, so it loads into a plain optimizer over an unsharded model of any world size."""
+    sd = optimizer.state_dict()
+    ep_names = expert_parallel_names(model)
+    state = {}
+    for idx, (name, _) in enumerate(_optimizer_params(model, optimizer)):
+        if idx not in sd["state"]:
+            continue
+        state[idx] = {k: _gather(v, ep_names.get(name)) if torch.is_tensor(v) and v.dim() > 0 else v
+                      for k, v in sd["state"][idx].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+@torch.no_grad()
+def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict | None = None) -> None:
+    """Load whole (single-process layout) model and optimizer state into a parallelized model, each rank
+    keeping only its shard. The inverse of full_state_dict / full_optimizer_state_dict."""
+    ep_names = expert_parallel_names(model)
+    for name, t in model.state_dict().items():
+        part = _shard_like(model_state[name], t, ep_names.get(name))
+        (t.to_local() if isinstance(t, DTensor) else t).copy_(part.to_local() if isinstance(part, DTensor) else part)
+    if optimizer_state is None:
+        return
+    state = {}
+    for idx, (name, p) in enumerate(_optimizer_params(model, optimizer)):
+        if idx in optimizer_state["state"]:
+            state[idx] = {k: _shard_like(v, p, ep_names.get(name)).to(v.dtype)
+                          if torch.is_tensor(v) and v.dim() > 0 else v
+                          for k, v in optimizer_state["state"][idx].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer_state["param_groups"]})

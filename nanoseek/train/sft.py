@@ -1,0 +1,263 @@
+"""`nanoseek sft`: supervised fine-tuning on chat / reasoning traces (DeepSeek-R1 sections 2.3.1 and 2.4: the
+"cold start" before RL, the 800k-sample SFT, and distillation into small models, which is SFT only).
+
+Data: JSONL, one conversation a line, either {"messages": [{"role", "content"}, ...]} or
+{"prompt": ..., "completion": ...} (an optional "system" field becomes the system message).
+
+Loss: next-token cross-entropy on assistant tokens only (content + the EOS that ends the turn), from
+tokenizer.encode_chat_with_mask; system and user tokens are context, never targets. The mean is over target
+tokens of the whole batch (every assistant token weighs the same, long answers are not down-weighted).
+
+Packing: conversations are packed first-fit, in shuffled order, into rows of seq_len + 1 tokens. Each
+conversation keeps its own RoPE positions (restarting at 0) and a block-diagonal causal mask stops it from
+attending to the others in its row, so a packed conversation gets exactly the logits it would get alone; no
+compute goes to padding beyond the tail of each row. Conversations longer than a row are cut (counted in the
+summary). The MoE router bias is frozen (no aux-loss-free update during fine-tuning); MTP is not trained here.
+
+Checkpoints, `latest`, metrics.jsonl and --resume are as in pretraining; batch order is a function of
+(seed, step), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nanoseek.train.loop import MetricsLog, NonFiniteGuard, lr_at, make_optimizer
+from nanoseek.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""  # starting checkpoint with tokenizer.json
+    data: str = ""  # JSONL conversations
+    out: str = "runs/sft"
+    steps: int | None = None  # default: enough for `epochs` passes over the packed rows
+    epochs: float = 2.0  # R1's final SFT: 2 epochs
+    batch_size: int = 8  # packed rows per step
+    seq_len: int = 512
+    lr: float = 1e-4
+    warmup: int | None = None  # default: 5% of steps
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 0
+    keep: int | None = None
+    resume: bool = False
+    max_bad_steps: int = 5
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_conversations(path: str) -> list[list[dict]]:
+    """Read a JSONL file of {"messages": [...]} or {"prompt", "completion"[, "system"]} lines."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SFT data file not found: {path!r}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if isinstance(row, dict) and isinstance(row.get("messages"), list):
+                messages = row["messages"]
+            elif isinstance(row, dict) and "prompt" in row and "completion" in row:
+                messages = ([{"role": "system", "content": row["system"]}] if row.get("system") else []) + [
+                    {"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+            else:
+                raise ValueError(f"{path}:{n}: expected {{\"messages\": [...]}} or {{\"prompt\", \"completion\"}}")
+            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+                raise ValueError(f"{path}:{n}: the conversation has no assistant message, so nothing to learn")
+            out.append(messages)
+    if not out:
+        raise ValueError(f"{path} holds no conversations")
+    return out
+
+
+@dataclass
+class PackedRows:
+    """Packed training rows of seq_len + 1 tokens: ids, loss mask (on the *token*: 1 if it is a target),
+    per-token RoPE position and document index (-1 for padding)."""
+
+    ids: torch.Tensor  # [N, L] int64
+    target: torch.Tensor  # [N, L] bool
+    positions: torch.Tensor  # [N, L] int64
+    doc: torch.Tensor  # [N, L] int64
+    truncated: int = 0
+
+
+def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> PackedRows:
+    """First-fit packing of (ids, mask) conversations into rows of seq_len + 1 tokens (inputs are row[:-1],
+    targets row[1:]). A conversation longer than a row is cut to fit."""
+    L = seq_len + 1
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    space: list[int] = []
+    truncated = 0
+    for ids, mask in examples:
+        if len(ids) > L:
+            ids, mask, truncated = ids[:L], mask[:L], truncated + 1
+        for r, free in enumerate(space):  # first row with room
+            if free >= len(ids):
+                rows[r].append((ids, mask))
+                space[r] -= len(ids)
+                break
+        else:
+            rows.append([(ids, mask)])
+            space.append(L - len(ids))
+    N = len(rows)
+    out = PackedRows(torch.full((N, L), pad_id, dtype=torch.long), torch.zeros(N, L, dtype=torch.bool),
+                     torch.zeros(N, L, dtype=torch.long), torch.full((N, L), -1, dtype=torch.long), truncated)
+    for r, docs in enumerate(rows):
+        at = 0
+        for d, (ids, mask) in enumerate(docs):
+            n = len(ids)
+            out.ids[r, at: at + n] = torch.tensor(ids)
+            out.target[r, at: at + n] = torch.tensor(mask, dtype=torch.bool)
+            out.positions[r, at: at + n] = torch.arange(n)
+            out.doc[r, at: at + n] = d
+            at += n
+    return out
+
+
+def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> list[int]:
+    """Rows for a step (from 1): a fresh permutation per epoch, seeded by (seed, epoch); pure in its arguments."""
+    start = (step - 1) * batch_size
+    out = []
+    for i in range(start, start + batch_size):
+        epoch, j = divmod(i, n_rows)
+        perm = random.Random(f"sft|{seed}|{epoch}").sample(range(n_rows), n_rows)
+        out.append(perm[j])
+    return out
+
+
+def sft_loss(model, ids: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, doc: torch.Tensor):
+    """(mean CE over target tokens, number of target tokens) for packed rows [B, L] (inputs [:, :-1]).
+
+    The attention mask lets token i see token j iff j <= i and both belong to the same conversation."""
+    x, y = ids[:, :-1], ids[:, 1:]
+    d, pos = doc[:, :-1], positions[:, :-1]
+    t = x.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+    mask = (causal[None] & (d[:, :, None] == d[:, None, :])).unsqueeze(1)  # [B, 1, t, t]
+    logits = model(x, positions=pos, mask=mask).float()
+    keep = target[:, 1:]
+    n = int(keep.sum())
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    return torch.where(keep, ce, torch.zeros_like(ce)).sum() / max(n, 1), n
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def train(tc: SFTConfig, progress: bool = True) -> dict:
+    """Run (or resume) SFT of tc.model on tc.data; returns a summary."""
+    from nanoseek.model import Transformer
+    from nanoseek.tokenizer import load_tokenizer
+
+    if not tc.model or not tc.data:
+        raise ValueError("--model (a checkpoint with tokenizer.json) and --data (JSONL) are required")
+    tokenizer = load_tokenizer(tc.model)
+    conversations = load_conversations(tc.data)
+    encoded = [tokenizer.encode_chat_with_mask(m) for m in conversations]
+    random.Random(f"sft-order|{tc.seed}").shuffle(encoded)
+    rows = pack(encoded, tc.seq_len, tokenizer.pad_id)
+    n_rows = rows.ids.shape[0]
+    steps = tc.steps or max(1, math.ceil(tc.epochs * n_rows / tc.batch_size))
+    warmup = tc.warmup if tc.warmup is not None else steps // 20
+    torch.manual_seed(tc.seed)
+    model = Transformer.from_pretrained(tc.model, dtype=torch.float32).train()
+    if tc.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "
+                         f"({model.config.max_position_embeddings})")
+    optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
+    guard = NonFiniteGuard(tc.max_bad_steps)
+    start, tokens_seen = 0, 0
+    if tc.resume:
+        path = latest_checkpoint(tc.out)
+        if path is None:
+            raise ValueError(f"--resume: {tc.out} has no complete checkpoint to resume from")
+        state = load_checkpoint(path, model, optimizer)
+        if state["steps"] != steps:
+            raise ValueError(f"--resume with {steps} steps, but the run was started with {state['steps']}: "
+                             "the schedule would change")
+        guard.load_state_dict(state["guard"])
+        start, tokens_seen = state["step"], state["tokens_seen"]
+    os.makedirs(tc.out, exist_ok=True)
+    log = MetricsLog(tc.out, start)
+    bar = tqdm(total=steps, initial=start, disable=not progress, desc="sft", dynamic_ncols=True)
+    last: dict = {}
+    try:
+        for step in range(start + 1, steps + 1):
+            t0 = time.perf_counter()
+            step_lr = lr_at(step, steps, tc.lr, warmup, "cosine", tc.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            idx = batch_indices(step, tc.batch_size, n_rows, tc.seed)
+            loss, n = sft_loss(model, rows.ids[idx], rows.target[idx], rows.positions[idx], rows.doc[idx])
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            applied = guard.check(step, loss.item(), grad_norm)
+            if applied:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            real = int((rows.doc[idx] >= 0).sum())
+            tokens_seen += real
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "loss": loss.item(), "lr": step_lr, "grad_norm": grad_norm, "target_tokens": n,
+                   "tokens": tokens_seen, "tokens_per_s": real / dt, "skipped_steps": guard.skipped}
+            if not applied:
+                rec["skipped"] = True
+            log.write(rec)
+            last = rec
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            bar.update(1)
+            if step == steps or (tc.save_every and step % tc.save_every == 0):
+                state = {"train_config": dataclasses.asdict(tc), "steps": steps, "guard": guard.state_dict(),
+                         "tokens_seen": tokens_seen}
+                save_checkpoint(tc.out, step, model, optimizer, state, tc.model, tc.keep)
+    finally:
+        bar.close()
+        log.close()
+    return {"run_dir": tc.out, "steps": steps, "final_loss": last.get("loss"), "conversations": len(encoded),
+            "packed_rows": n_rows, "truncated": rows.truncated, "checkpoint": latest_checkpoint(tc.out)}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def cmd_sft(args: argparse.Namespace) -> None:
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    summary = train(SFTConfig(**{k: v for k, v in vars(args).items() if k in names}), progress=not args.json)
+    if not args.no_plot:
+        from nanoseek.plot import plot_run
+        summary["plots"] = plot_run(args.out)
+    print(json.dumps(summary) if args.json else
+          f"done: {summary['steps']} steps on {summary['conversations']} conversations ({summary['packed_rows']} "
+          f"packed rows), loss {summary['final_loss']:.3f}, checkpoint {summary['checkpoint']}")
+
+
+def add_cli(subparsers) -> None:
+    d = SFTConfig()
+    p = subparsers.add_parser("sft",
+                              help="supervised fine-tuning on chat / reasoning traces (loss on assistant tokens)")
+    p.add_argument("--model", required=True, metavar="DIR", help="starting checkpoint (with tokenizer.json)")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl",
+                   help='{"messages": [...]} or {"prompt", "completion"} per line')
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    for name in ("steps", "batch_size", "seq_len", "warmup", "seed", "save_every", "keep", "max_bad_steps"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("epochs", "lr", "min_lr_ratio", "weight_decay", "grad_clip"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object last")
+    p.set_defaults(func=cmd_sft)

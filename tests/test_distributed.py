@@ -1,0 +1,251 @@
+"""torch.distributed on CPU with gloo, 2 processes: the expert-parallel MoE layer against the single-process
+layer, 2-process pretraining (FSDP, FSDP + expert parallelism) against the 1-process run, checkpoints saved on 2
+processes resumed on 1, and the per-rank memory planner.
+
+Workers are plain `python -c` processes given torchrun's environment variables (RANK, WORLD_SIZE, ...), the
+same entry as under torchrun; one test launches the real `torchrun -m nanoseek pretrain` command."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.accounting import memory_per_rank, param_counts
+from nanoseek.data import default_corpus_files, prepare_data
+from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train import pretrain
+from nanoseek.train.loop import read_metrics
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="this torch build has no torch.distributed gloo backend")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, nproc: int = 2, timeout: int = 240) -> list[str]:
+    """Run `script` in nproc processes wired together as torchrun would; returns each rank's stdout."""
+    port = _free_port()
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+        procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    failed = [f"rank {r} exited with {p.returncode}:\n{err[-2500:]}"
+              for r, (p, (_, err)) in enumerate(zip(procs, results)) if p.returncode != 0]
+    assert not failed, "\n".join(failed)
+    return [out for out, _ in results]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    files = default_corpus_files(max_bytes=200_000)
+    train_tokenizer(files, 384, str(root / "tok"))
+    prepare_data(files, str(root / "tok"), str(root / "data"), show_progress=False)
+    return str(root / "data")
+
+
+def base_config(data_dir, out, **kw) -> dict:
+    return {**dict(preset="tiny", data=data_dir, out=str(out), steps=10, batch_size=4, seq_len=32, eval_every=5,
+                   eval_batches=2, save_every=5, warmup=2, lr=1e-2), **kw}
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """The 1-process run every distributed run must follow (checkpoints at steps 5 and 10)."""
+    out = tmp_path_factory.mktemp("ref") / "one"
+    run_pretrain(base_config(data_dir, out), 1)
+    return out
+
+
+def cut_at(run_dir, step: int, new_dir) -> None:
+    """A copy of a run as if it had stopped right after its step-`step` checkpoint."""
+    os.makedirs(os.path.join(new_dir, "checkpoints"))
+    shutil.copytree(os.path.join(run_dir, "checkpoints", f"step_{step}"),
+                    os.path.join(new_dir, "checkpoints", f"step_{step}"))
+    with open(os.path.join(new_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in read_metrics(str(run_dir))[:step])
+
+
+def run_pretrain(cfg: dict, nproc: int) -> None:
+    if nproc == 1:
+        pretrain.train(pretrain.TrainConfig(**cfg), progress=False)
+    else:
+        launch(f"from nanoseek.train import pretrain; pretrain.train(pretrain.TrainConfig(**{cfg!r}), progress=False)",
+               nproc)
+
+
+def assert_same_run(a, b, rel=1e-4):
+    ra, rb = read_metrics(str(a)), read_metrics(str(b))
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] and len(ra) >= 10
+    for x, y in zip(ra, rb):
+        for key in ("loss", "mtp_loss", "balance_loss", "grad_norm", "val_loss"):
+            if key in x or key in y:
+                assert y[key] == pytest.approx(x[key], rel=rel), (x["step"], key, x[key], y[key])
+        assert y["moe_max_over_mean"] == pytest.approx(x["moe_max_over_mean"], rel=rel)  # counts reduced globally
+
+
+def trainer_state(run_dir) -> dict:
+    with open(os.path.join(run_dir, "latest", "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def assert_close_models(a_dir, b_dir, rel=1e-3):
+    a = Transformer.from_pretrained(a_dir).state_dict()
+    b = Transformer.from_pretrained(b_dir).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert float((a[k] - b[k]).norm()) <= rel * float(a[k].norm()) + 1e-6, k
+
+
+# ------------------------------------------------------------------------------------------ (a) EP layer
+EP_LAYER = """
+import torch, torch.distributed as dist
+from nanoseek import ModelConfig
+from nanoseek.model.moe import MoE
+from nanoseek.distributed import init_distributed, apply_expert_parallel, shutdown, ExpertParallelExperts
+
+info = init_distributed()
+rank, world = info.rank, info.world_size
+cfg = ModelConfig.from_preset("tiny")
+torch.manual_seed(0)
+ref = MoE(cfg)
+for p in ref.parameters():
+    torch.nn.init.normal_(p, std=0.1)
+ref.gate.e_score_correction_bias.normal_(std=0.01)
+x_full = torch.randn(2 * world, 16, cfg.hidden_size)  # every rank knows the whole batch, trains on its slice
+r_full = torch.randn_like(x_full)
+
+# single-process reference over the whole batch
+x_ref = x_full.clone().requires_grad_()
+(ref(x_ref) * r_full).sum().backward()
+
+ep = MoE(cfg)
+ep.load_state_dict(ref.state_dict())
+apply_expert_parallel(ep, dist.group.WORLD)
+assert isinstance(ep.experts, ExpertParallelExperts) and ep.experts.gate_proj.shape[0] == cfg.n_routed_experts // world
+sl = slice(2 * rank, 2 * rank + 2)
+x = x_full[sl].clone().requires_grad_()
+out = ep(x)
+(out * r_full[sl]).sum().backward()
+
+def close(a, b):  # max error relative to the largest entry (sums in another order differ in the last bits)
+    err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+    return bool(err < 1e-5 and b.abs().max() > 0), err
+
+with torch.no_grad():
+    want = ref(x_full)[sl]
+checks = {"out": close(out.detach(), want), "x_grad": close(x.grad, x_ref.grad[sl])}
+lo, n = ep.experts.first, ep.experts.num_local
+for name in ("gate_proj", "up_proj", "down_proj"):  # each rank's experts get the gradient of the whole batch
+    checks[name] = close(getattr(ep.experts, name).grad, getattr(ref.experts, name).grad[lo: lo + n])
+for name, p in ep.named_parameters():  # replicated weights: per-rank parts sum to the whole-batch gradient
+    if not name.startswith("experts."):
+        g = p.grad.clone(); dist.all_reduce(g)
+        checks[name] = close(g, dict(ref.named_parameters())[name].grad)
+# a rank that receives no token at all still takes part and gets zero expert gradients
+ep.zero_grad()
+x.grad = None
+bias = ep.gate.e_score_correction_bias
+bias.copy_(torch.where(torch.arange(cfg.n_routed_experts) >= n, 100.0, -100.0))  # every token to rank 1's experts
+ep(x).sum().backward()
+checks["idle_rank_zero_grad"] = (bool((ep.experts.gate_proj.grad == 0).all()) == (rank == 0), 0.0)
+checks["idle_rank_x_grad"] = (bool(x.grad.abs().sum() > 0), 0.0)
+print(repr(checks))
+shutdown(info)
+"""
+
+
+def test_expert_parallel_layer_matches_single_process_output_and_gradients():
+    for out in launch(EP_LAYER):
+        checks = eval(out.strip().splitlines()[-1])
+        bad = {k: v for k, v in checks.items() if not v[0]}
+        assert not bad and len(checks) >= 8, bad
+
+
+# ------------------------------------------------------------------------------------------ (b) training
+@pytest.mark.parametrize("ep", [1, 2], ids=["fsdp", "fsdp+ep"])
+def test_two_process_run_follows_the_one_process_run(data_dir, reference, tmp_path, ep):
+    run_pretrain(base_config(data_dir, tmp_path / "two", ep=ep), 2)
+    assert_same_run(reference, tmp_path / "two")
+    assert trainer_state(tmp_path / "two")["world_size"] == 2
+    # rank 0 alone wrote the run; its final checkpoint is whole and close to the 1-process one (Adam amplifies
+    # last-bit differences in near-zero gradients, so compare each tensor by its relative norm error)
+    assert_close_models(reference / "latest", tmp_path / "two" / "latest")
+
+
+# ------------------------------------------------------------------------------------------ (c) checkpoints
+def test_saved_on_two_processes_with_torchrun_resumes_on_one(data_dir, reference, tmp_path):
+    """The real command: `torchrun --nproc_per_node 2 -m nanoseek pretrain --ep 2`, cut after step 5, resumed in
+    a single process: the result is the uninterrupted 1-process run."""
+    two = tmp_path / "two"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in base_config(data_dir, two, ep=2).items()]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "nanoseek", "pretrain", *args, "--no-plot", "--json"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # only rank 0 prints
+    assert summary["steps"] == 10 and len([ln for ln in proc.stdout.splitlines() if ln.startswith("{")]) == 1
+    state = trainer_state(two)
+    assert state["world_size"] == 2 and state["train_config"]["ep"] == 2
+    model = Transformer.from_pretrained(two / "checkpoints" / "step_5")  # whole: every expert, full shapes
+    assert model.layers[1].mlp.experts.gate_proj.shape[0] == model.config.n_routed_experts
+
+    cut_at(two, 5, tmp_path / "resumed")
+    run_pretrain(base_config(data_dir, tmp_path / "resumed", resume=True), 1)
+    assert_same_run(reference, tmp_path / "resumed")
+    assert_close_models(reference / "latest", tmp_path / "resumed" / "latest")
+
+
+def test_saved_on_one_process_resumes_on_two_with_expert_parallelism(data_dir, reference, tmp_path):
+    cut_at(reference, 5, tmp_path / "resumed")
+    run_pretrain(base_config(data_dir, tmp_path / "resumed", resume=True, ep=2), 2)
+    assert_same_run(reference, tmp_path / "resumed")
+    assert trainer_state(tmp_path / "resumed")["world_size"] == 2
+
+
+# ------------------------------------------------------------------------------------------ memory planner
+def test_memory_per_rank_on_a_hand_checked_case():
+    c = ModelConfig.from_preset("tiny").replace(vocab_size=1000)
+    # by hand: attention 20544 (q) + 14368 (kv) + 16384 (o) = 51296 per block; norms 256 per block + 128 final;
+    # dense FFN 3*128*384 = 147456; MoE FFN 16 experts * 24576 + shared 24576 + gate 2048 = 419840;
+    # embedding = head = 128000. Main: 256000 + 4*51296 + 1152 + 147456 + 3*419840 = 1,869,312;
+    # MTP: 256 + 2*128*128 + 51296 + 256 + 419840 + 128 = 504,544. Together 2,373,856, 1,186,928 per rank.
+    assert param_counts(c)["total_params"] + param_counts(c)["mtp_params"] == 2_373_856
+    m = memory_per_rank(c, world_size=2, ep=2, batch_tokens_per_rank=64, dtype="float32")
+    assert m["params_per_rank"] == 1_186_928
+    assert m["param_bytes"] == m["grad_bytes"] == 4 * 1_186_928 and m["optimizer_bytes"] == 8 * 1_186_928
+    # largest FSDP unit: the MTP module, 51296 + 256 + (419840 - 8 of 16 experts * 24576) + 32768 + 384 = 307,936;
+    # with the root (256,000), parameters and gradients in fp32
+    assert m["gathered_bytes"] == 2 * (256_000 + 307_936) * 4
+    # per token: attention 2*128 + 2*64 + 2*32 + 16 + 4*(2*48 + 2*32) = 1104; dense block 1104 + 256 + 1152 = 2512;
+    # MoE block 1104 + 256 + 4*(256 + 192) + 192 = 3344 (+ 64 fp32 bytes of router scores); MTP adds 512.
+    # 2512 + 4*3344 + 512 = 16400 elements * 4 bytes + 4*64 + fp32 logits 2*4*1000 = 73,856 bytes; 64 tokens.
+    assert m["activation_bytes"] == 64 * 73_856
+    assert m["total_bytes"] == 16 * 1_186_928 + 2 * 563_936 * 4 + 64 * 73_856
+    # without expert parallelism every rank gathers all 16 experts of a layer
+    assert memory_per_rank(c, 2, 1, 64, "float32")["gathered_bytes"] == 2 * (256_000 + 504_544) * 4
+    with pytest.raises(ValueError, match="must divide"):
+        memory_per_rank(c, world_size=4, ep=3)

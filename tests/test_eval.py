@@ -1,0 +1,93 @@
+"""Evaluation: pass@k (unbiased estimator) and maj@k (ties: first seen wins) on hand-made results, the R1 prompt,
+and `nanoseek eval` end to end on a tiny model (greedy: every sample identical)."""
+
+import argparse
+import json
+import math
+from itertools import combinations
+
+import pytest
+import torch
+
+from nanoseek import Transformer, tasks
+from nanoseek.eval import (EvalConfig, ProblemResult, add_cli, evaluate, majority_correct, pass_at_k, plot_curve,
+                           prompt_ids, summarize)
+from nanoseek.tokenizer import load_tokenizer
+from test_grpo import tiny_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    # brute force: the share of k-subsets of the n samples holding at least one right sample
+    for n, c in [(5, 0), (5, 1), (5, 2), (6, 3), (4, 4)]:
+        right = [True] * c + [False] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(combinations(range(n), k))
+            want = sum(any(right[i] for i in s) for s in subsets) / len(subsets)
+            assert pass_at_k(n, c, k) == pytest.approx(want), (n, c, k)
+    assert pass_at_k(8, 2, 1) == pytest.approx(2 / 8)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_majority_vote_ties_and_missing_answers():
+    assert majority_correct(["5", "6", "5"], [True, False, True])
+    assert not majority_correct(["6", "5", "6", "5"], [False, True, False, True])  # tie: "6" seen first
+    assert majority_correct(["5", "6", "6", "5"], [True, False, False, True])  # tie: "5" seen first
+    assert majority_correct([None, None, "5"], [False, False, True])  # no answer: no vote
+    assert not majority_correct([None, None], [False, False])
+
+
+def test_summarize_on_hand_made_results():
+    r = [
+        ProblemResult(answers=["5", "5", "4", "5"], correct=[True, True, False, True], lengths=[10, 12, 8, 10],
+                      formats=[True] * 4),
+        ProblemResult(answers=["1", "2", "2", None], correct=[True, False, False, False], lengths=[4, 4, 4, 4],
+                      formats=[True, True, True, False]),
+        ProblemResult(answers=[None] * 4, correct=[False] * 4, lengths=[20] * 4, formats=[False] * 4),
+    ]
+    s = summarize(r)
+    assert s["k"] == 4 and s["n"] == 3
+    assert s["pass@1"] == pytest.approx((3 / 4 + 1 / 4 + 0) / 3)
+    assert s["pass@k"] == pytest.approx(2 / 3)  # problems 1 and 2 have a right sample
+    assert s["maj@k"] == pytest.approx(1 / 3)  # problem 1: "5" wins; problem 2: "2" (wrong) wins
+    assert s["curve"]["2"]["pass@k"] == pytest.approx((1 - math.comb(1, 2) / math.comb(4, 2) + 1 - 3 / 6) / 3)
+    assert s["curve"]["1"]["maj@k"] == pytest.approx(2 / 3)  # first sample only: right on problems 1 and 2
+    assert s["mean_length"] == pytest.approx((40 + 16 + 80) / 12)
+    assert s["format_rate"] == pytest.approx(7 / 12) and s["answered_rate"] == pytest.approx(7 / 12)
+
+
+def test_prompt_is_the_chat_template_with_the_system_prompt(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path)
+    tok = load_tokenizer(ckpt)
+    ids = prompt_ids(tok, "What is 1 + 1?")
+    text = tok.decode(ids)
+    assert text.startswith("<|begin_of_sentence|><|system|>" + tasks.SYSTEM_PROMPT + "<|user|>What is 1 + 1?")
+    assert text.endswith("<|assistant|>")
+    assert prompt_ids(tok, "q", prefill_think=True)[-1] == tok.token_id("<think>")
+
+
+def test_eval_end_to_end_greedy_and_cli(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path)
+    model, tok = Transformer.from_pretrained(ckpt).eval(), load_tokenizer(ckpt)
+    task = tasks.get("arithmetic", difficulty=1)
+    s = evaluate(model, tok, task, EvalConfig(n=3, samples=2, temperature=0.0, max_new_tokens=5, batch_size=4))
+    assert s["n"] == 3 and s["k"] == 2 and 1 <= s["mean_length"] <= 5
+    assert s["pass@1"] == s["pass@k"]  # greedy: both samples of a problem are the same completion
+    p = argparse.ArgumentParser()
+    add_cli(p.add_subparsers())
+    args = p.parse_args(["eval", "--model", ckpt, "--task", "arithmetic", "--n", "2", "--samples", "4",
+                         "--max-new-tokens", "4", "--json", "--plot", str(tmp_path / "k.png")])
+    args.func(args)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("pass@1", "maj@k", "mean_length", "pass@k"):
+        assert key in out
+    assert set(out["curve"]) == {"1", "2", "4"} and (tmp_path / "k.png").stat().st_size > 0
+    assert plot_curve(out, str(tmp_path / "again.png")).endswith("again.png")
