@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -111,9 +111,15 @@ def save_pretrained(model: Transformer, path: str, max_shard_bytes: int = 5 * 2*
 
 
 def _write_weights(model: Transformer, folder: str, max_shard_bytes: int) -> list[str]:
+    return write_tensors(to_hf_state_dict(model), folder, max_shard_bytes)
+
+
+def write_tensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: str, max_shard_bytes: int) -> list[str]:
+    """Write (name, tensor) pairs as model.safetensors, or as shards of at most max_shard_bytes with the index
+    transformers reads; returns the file names written."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key, t in to_hf_state_dict(model):
+    for key, t in tensors:
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})

@@ -10,7 +10,8 @@ import sys
 
 # Modules that register their own subcommands with `add_cli(subparsers)`, imported only if present.
 PLUGIN_MODULES = ("nanoseek.demo", "nanoseek.tokenizer", "nanoseek.data", "nanoseek.train.pretrain", "nanoseek.plot",
-                  "nanoseek.chat", "nanoseek.train.sft", "nanoseek.train.grpo", "nanoseek.eval")
+                  "nanoseek.chat", "nanoseek.train.sft", "nanoseek.train.grpo", "nanoseek.eval",
+                  "nanoseek.convert")
 
 
 def _load_config(preset_or_dir: str):

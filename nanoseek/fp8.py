@@ -133,12 +133,12 @@ def quantize_tensorwise(x: torch.Tensor, dims=None):
 
 
 def _quantize_a(x: torch.Tensor, block: int, granularity: str):
-    """A GEMM operand quantised along its last (K) dim: 1 x block tiles, or per tensor with the one scale laid out
-    as 1 x block tile scales [rows, ceil(K/block)] so that fp8_matmul takes either."""
+    """A GEMM operand [..., rows, K] quantised along its last (K) dim: 1 x block tiles, or per tensor with the one
+    scale laid out as 1 x block tile scales [..., rows, ceil(K/block)] so that fp8_matmul takes either."""
     if granularity == "block":
         return quantize_act(x, block)
-    q, scale = quantize_tensorwise(x)
-    return q, scale.expand(x.shape[0], _cdiv(x.shape[1], block))
+    q, scale = quantize_tensorwise(x, dims=(-2, -1))  # for [E, rows, K]: one scale per expert's slice
+    return q, scale.expand(*x.shape[:-1], _cdiv(x.shape[-1], block))
 
 
 def _quantize_w(w: torch.Tensor, block: int, granularity: str):
@@ -380,6 +380,26 @@ class FP8Linear(nn.Linear):
 
 
 # ---------------------------------------------------------------------------------------------- FP8 experts
+def _grouped_weight_grad_emulate(dy: torch.Tensor, x: torch.Tensor, bounds: list[int], block: int,
+                                 granularity: str) -> torch.Tensor:
+    """dW[e] = dY_e^T X_e for every expert at once: each expert's rows are scattered into a zero-padded
+    [E, rows, .] buffer, so the token tiles (see _weight_grad) stay inside one expert's rows (zero padding cannot
+    change a tile's amax), then quantised, dequantised and multiplied in one bmm."""
+    counts = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    num_experts, rows = len(counts), max(max(counts), 1)
+    expert = torch.repeat_interleave(torch.arange(num_experts, device=x.device),
+                                     torch.tensor(counts, device=x.device), output_size=x.shape[0])
+    row = torch.arange(x.shape[0], device=x.device) - torch.tensor(bounds[:-1], device=x.device)[expert]
+
+    def token_tiles(t):  # [M, D] -> [E, D, rows] quantised along tokens, back in fp32
+        buf = t.new_zeros(num_experts, rows, t.shape[1], dtype=torch.float32)
+        buf[expert, row] = t.float()
+        q, scale = _quantize_a(buf.transpose(1, 2), block, granularity)
+        return dequantize_act(q, scale, block)
+
+    return torch.bmm(token_tiles(dy), token_tiles(x).transpose(1, 2))
+
+
 class _FP8GroupedMMFn(torch.autograd.Function):
     """Routed experts' grouped GEMM in FP8: rows x[offsets[e-1]:offsets[e]] times w[e]^T for each expert e,
     w [E, out, in] as GroupedExperts stores it. Same tiling as FP8Linear, with 128x128 blocks per expert and,
@@ -392,8 +412,9 @@ class _FP8GroupedMMFn(torch.autograd.Function):
         bounds = [0] + offsets.tolist()
         if _resolve_backend(backend, x.device) == "emulate":
             # one grouped GEMM of the dequantised operands: the same numbers as per-expert fp8_matmul calls
-            y = grouped_mm(dequantize_act(x_q, x_s, block), dequantize_weight(w_q, w_s, block).transpose(1, 2),
-                           offsets).float()
+            # (contiguous: CPU torch._grouped_mm is ~50x slower on a transposed view)
+            w_t = dequantize_weight(w_q, w_s, block).transpose(1, 2).contiguous()
+            y = grouped_mm(dequantize_act(x_q, x_s, block), w_t, offsets).float()
         else:
             y = x.new_zeros(x.shape[0], w.shape[1], dtype=torch.float32)
             for e in range(w.shape[0]):
@@ -415,11 +436,13 @@ class _FP8GroupedMMFn(torch.autograd.Function):
         if dx is not None and emulate:  # dX = dY W per expert, as one grouped GEMM (w [E, out, in] is [E, K, N])
             offsets = torch.tensor(bounds[1:], device=x.device)
             dx = grouped_mm(dequantize_act(g_q, g_s, block), dequantize_weight(w_q, w_s, block), offsets).float()
+        if dw is not None and emulate:
+            dw = _grouped_weight_grad_emulate(dy, x, bounds, block, granularity)
         for e in range(w_q.shape[0]):
             r0, r1 = bounds[e], bounds[e + 1]
-            if r1 == r0:
+            if r1 == r0 or emulate:
                 continue
-            if dx is not None and not emulate:
+            if dx is not None:
                 dx[r0:r1] = fp8_matmul(g_q[r0:r1], g_s[r0:r1], w_q[e].t(), w_s[e].t(), backend, torch.float32,
                                        block)
             if dw is not None:  # token tiles must stay inside one expert's rows, hence a loop

@@ -21,6 +21,15 @@ E4M3_REL = 2.0 ** -4
 E4M3_SUBNORMAL_ABS = 2.0 ** -10
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from threads, and the test machine is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -242,6 +251,13 @@ def test_fp8_grouped_mm_forward_backward():
         assert 0.005 < rel_err(got, want) < 0.1
     assert torch.equal(dw8[1], torch.zeros(d_out, d_in))  # no tokens, no gradient
 
+    # the batched emulation of dW equals quantising each expert's tokens separately (tiles never straddle experts)
+    for granularity in ("block", "tensor"):
+        got = fp8._grouped_weight_grad_emulate(g, x.detach(), bounds, 128, granularity)
+        for i in (0, 2, 3):
+            want = fp8._weight_grad(g[bounds[i]:bounds[i + 1]], x.detach()[bounds[i]:bounds[i + 1]], "emulate",
+                                    128, granularity)
+            torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
     # the forward of one expert is exactly fp8_matmul on its rows
     xq, xs = quantize_act(x.detach())
     wq, ws = quantize_weight(w.detach())
@@ -313,6 +329,48 @@ def test_converted_tiny_model_trains():
         assert model.layers[1].mlp.experts.gate_proj.grad.abs().sum() > 0  # FP8 experts get gradients
         opt.step()
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+# ---------------------------------------------------------------------------------------------- per-tensor scaling
+def test_tensorwise_quantisation_matches_naive():
+    torch.manual_seed(11)
+    x = torch.randn(6, 300) * 3
+    q, s = fp8.quantize_tensorwise(x)
+    assert s.shape == () and s == x.abs().max() / 448
+    assert torch.equal(q.float(), (x / s).to(torch.float8_e4m3fn).float())
+    w = torch.randn(3, 130, 70)
+    q, s = fp8.quantize_tensorwise(w, dims=(-2, -1))  # one scale per expert
+    assert s.shape == (3, 1, 1) and torch.equal(s.flatten(), w.abs().amax(dim=(1, 2)) / 448)
+
+
+def test_block_scaling_beats_tensor_scaling_with_an_outlier():
+    """What fine-grained scaling buys (V3 section 3.3.2): with one large activation channel value, per-tensor
+    scaling pushes every other token's inputs into e4m3's subnormals; 1 x 128 tiles confine the damage."""
+    torch.manual_seed(12)
+    lin = nn.Linear(256, 64, bias=False)
+    x = torch.randn(32, 256)
+    x[0, 7] = 1e6  # as in test_outlier_only_affects_its_own_tile
+    ref = F.linear(x, lin.weight)[1:]
+    errs = {}
+    for granularity in ("block", "tensor"):
+        f = FP8Linear.from_linear(lin, backend="emulate", granularity=granularity)
+        assert f.granularity == granularity and granularity in repr(f)
+        errs[granularity] = rel_err(f(x).detach()[1:], ref)
+    assert errs["block"] < 0.1 and errs["tensor"] > 3 * errs["block"], errs
+
+
+def test_tensor_granularity_trains_and_rejects_unknown_names():
+    torch.manual_seed(13)
+    cfg = nanoseek.ModelConfig.from_preset("tiny")
+    model = convert_to_fp8(nanoseek.Transformer(cfg), backend="emulate", granularity="tensor")
+    mods = dict(model.named_modules())
+    assert all(mods[n].granularity == "tensor" for n in model.fp8_modules)
+    ids = torch.randint(0, cfg.vocab_size, (2, 17))
+    loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss) and model.layers[1].mlp.experts.down_proj.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown FP8 granularity"):
+        convert_to_fp8(nanoseek.Transformer(cfg), granularity="channel")
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
