@@ -20,13 +20,6 @@ KEPT = ("embed_tokens", "lm_head", "shared_head.head", "eh_proj", "norm", "mlp.g
         "e_score_correction_bias")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and the test machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -57,13 +57,6 @@ def launch(script: str, nproc: int = 2, timeout: int = 240) -> list[str]:
     return [out for out, _ in results]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    files = default_corpus_files(max_bytes=200_000)
-    train_tokenizer(files, 384, str(root / "tok"))
-    prepare_data(files, str(root / "tok"), str(root / "data"), show_progress=False)
-    return str(root / "data")
 
 
 def base_config(data_dir, out, **kw) -> dict:

@@ -23,14 +23,6 @@ def v2_config():
 CONFIGS = {"v3": v3_config, "v2": v2_config}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spin-waiting makes them
-    10x slower; restored for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 _MODELS = {}
 
 

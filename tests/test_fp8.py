@@ -21,13 +21,6 @@ E4M3_REL = 2.0 ** -4
 E4M3_SUBNORMAL_ABS = 2.0 ** -10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from threads, and the test machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel_err(a, b):

@@ -17,12 +17,6 @@ from nanoseek.train import grpo
 from nanoseek.train.loop import NonFiniteGuard, read_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_checkpoint(root, seed=0) -> str:

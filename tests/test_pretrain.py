@@ -19,13 +19,6 @@ from nanoseek.train.loop import TrainingDiverged, lr_at, read_metrics
 from nanoseek.train.state import latest_checkpoint, list_checkpoints
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrain")
-    files = default_corpus_files(max_bytes=200_000)
-    train_tokenizer(files, 384, str(root / "tok"))
-    prepare_data(files, str(root / "tok"), str(root / "data"), show_progress=False)
-    return str(root / "data")
 
 
 def tc(data_dir, out, **kw):
@@ -139,6 +132,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(data_dir, tmp_path):
 
 KILLER = """
 import os, sys
+import torch
+torch.set_num_threads(1)  # as the in-process runs it is compared with (thread count changes float sums)
 import nanoseek.train.state as state
 from nanoseek.train import pretrain
 saves = []
