@@ -2,6 +2,7 @@
 
   bias      auxiliary-loss-free balancing (b_i += gamma sign(mean - load_i), gamma 1e-3) plus V3's tiny
             sequence-wise loss (alpha 1e-4): V3's recipe
+  bias-fast the same with gamma 1e-2: a miniature run has ~1e4x fewer steps than V3's to move the biases
   aux-loss  no bias updates; a conventional auxiliary balance loss (the same f_i P_i form, alpha 1e-2)
   neither   no bias updates, no balance loss
 
@@ -29,6 +30,7 @@ from nanoseek.train.loop import read_metrics  # noqa: E402
 from nanoseek.train.pretrain import TrainConfig, train  # noqa: E402
 
 VARIANTS = {"bias": dict(bias_gamma=1e-3, balance_alpha=1e-4),
+            "bias-fast": dict(bias_gamma=1e-2, balance_alpha=1e-4),
             "aux-loss": dict(bias_gamma=0.0, balance_alpha=1e-2),
             "neither": dict(bias_gamma=0.0, balance_alpha=0.0)}
 
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="nanoseek-balance-")
@@ -48,7 +51,7 @@ def main() -> None:
     prepare_data(files, os.path.join(root, "tok"), os.path.join(root, "data"), show_progress=False)
     results = {}
     curves = {}
-    for name, kw in VARIANTS.items():
+    for name, kw in ((n, VARIANTS[n]) for n in args.variants):
         tc = TrainConfig(preset=args.preset, data=os.path.join(root, "data"), out=os.path.join(root, name),
                          steps=args.steps, batch_size=args.batch, seq_len=args.seq, eval_every=args.steps,
                          eval_batches=8, seed=0, **kw)
