@@ -75,6 +75,7 @@ def run(out: str, steps: int, batch_size: int, seq_len: int, vocab_size: int, co
     print("[5/5] transformers loads the checkpoint")
     try:
         import transformers
+        transformers.logging.set_verbosity_error()  # it lists the MTP layer's tensors, which it does not model
         hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
         x = torch.tensor([prompts[2]])
         with torch.no_grad():
