@@ -1,10 +1,14 @@
-"""R1-Zero in miniature (DeepSeek-R1 section 2.2), on 2 CPU cores in well under 20 minutes.
+"""R1-Zero in miniature (DeepSeek-R1 section 2.2), on CPU (1 thread) in under 20 minutes.
 
-1. Base model: pretrain the `tiny` preset on a corpus of chat-formatted worked examples of EASY problems: sums of
-   two one-digit numbers, "<think> 3 + 5 = 8 </think> <answer> 8 </answer>", plus a small share of three-number
-   sums. The base model knows the format and the easy case, and only rarely chains two steps.
+1. Base model: pretrain the `tiny` preset (1200 steps) on chat-formatted examples: EASY problems, one addition
+   "a + b" (a in 0..18, b in 0..9) with its worked step, "<think> 13 + 5 = 18 </think> <answer> 18 </answer>";
+   plus a small share of three-number sums (train split), most answered tersely in one step
+   ("<think> 6 + 3 + 2 = 11 </think>", --direct-docs) and a few worked as a chain of the easy steps
+   ("<think> 6 + 3 = 9, 9 + 2 = 11 </think>", --hard-docs). The base knows the format and the easy case; on
+   three-number sums it mostly answers in one step (often wrong) and only sometimes chains the steps.
 2. R1-Zero: GRPO straight from the base on HARDER problems (sums of three one-digit numbers) with rule rewards
-   only (accuracy + format, nanoseek.tasks.rewards). Nothing tells the model to reason longer; the reward does.
+   only (accuracy + format, nanoseek.tasks.rewards). Nothing tells the model to reason step by step or longer;
+   the reward does (chained answers are right more often, so chaining becomes habitual and responses grow).
 3. R1: a small cold-start SFT set of worked three-number traces first, then the same GRPO. Compared side by side.
 
 Reported: pass@1 (mean over K samples at temperature 0.6, top-p 0.95), maj@K and pass@K on the held-out test
@@ -28,14 +32,27 @@ import torch
 from nanoseek import Transformer, load_tokenizer
 from nanoseek.data import prepare_data
 from nanoseek.eval import EvalConfig, evaluate
-from nanoseek.tasks import SYSTEM_PROMPT
+from nanoseek.tasks import SYSTEM_PROMPT, Example
 from nanoseek.tasks.arithmetic import ArithmeticTask
 from nanoseek.tokenizer import EOS, render_chat, train_tokenizer
 from nanoseek.train import grpo, pretrain, sft
 from nanoseek.train.loop import read_metrics
 
-EASY = ArithmeticTask(digits=1, n_operands=2, ops="+")
 HARD = ArithmeticTask(digits=1, n_operands=3, ops="+")
+EASY_CHECK = ArithmeticTask(digits=1, n_operands=2, ops="+")  # did the base learn the easy case? (its test split)
+
+
+def easy_examples(n: int, seed: int) -> list[Example]:
+    """EASY problems: one addition "a + b" with a in 0..18 and b in 0..9, i.e. exactly the single steps a chained
+    three-number sum needs (a one-digit sum, then a running total up to 18 plus one digit). A different problem
+    family from HARD (two operands, not three), so nothing here is a HARD test problem."""
+    rng = random.Random(f"r1zero-easy|{seed}")
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 18), rng.randint(0, 9)
+        expr = f"{a} + {b}"
+        out.append(Example(prompt=f"What is {expr}?", answer=a + b, meta={"expression": expr}))
+    return out
 
 
 def worked_completion(expression: str) -> str:
@@ -48,17 +65,26 @@ def worked_completion(expression: str) -> str:
     return f"<think> {', '.join(steps)} </think> <answer> {total} </answer>"
 
 
-def conversation(ex) -> list[dict]:
+def direct_completion(expression: str) -> str:
+    """The terse answer most text shows: the whole sum in one step, no intermediate results."""
+    total = sum(int(x) for x in expression.split(" + "))
+    return f"<think> {expression} = {total} </think> <answer> {total} </answer>"
+
+
+def conversation(ex, worked: bool = True) -> list[dict]:
+    completion = (worked_completion if worked else direct_completion)(ex.meta["expression"])
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": ex.prompt},
-            {"role": "assistant", "content": worked_completion(ex.meta["expression"])}]
+            {"role": "assistant", "content": completion}]
 
 
 def build_base(work: str, args) -> str:
     """Corpus -> tokenizer -> token shards -> pretrain; returns the base checkpoint directory."""
     os.makedirs(work, exist_ok=True)
     rng = random.Random(0)
-    docs = [conversation(ex) for ex in EASY.sample(args.easy_docs, "train", seed=1)]
-    docs += [conversation(ex) for ex in HARD.sample(args.hard_docs, "train", seed=2)]
+    docs = [conversation(ex) for ex in easy_examples(args.easy_docs, seed=1)]
+    hard = HARD.sample(args.hard_docs + args.direct_docs, "train", seed=2)
+    docs += [conversation(ex) for ex in hard[: args.hard_docs]]
+    docs += [conversation(ex, worked=False) for ex in hard[args.hard_docs:]]
     rng.shuffle(docs)
     corpus = os.path.join(work, "corpus.jsonl")
     with open(corpus, "w") as f:
@@ -67,7 +93,7 @@ def build_base(work: str, args) -> str:
     train_tokenizer([corpus], 512, os.path.join(work, "tok"))
     prepare_data([corpus], os.path.join(work, "tok"), os.path.join(work, "data"), show_progress=False)
     tc = pretrain.TrainConfig(preset="tiny", data=os.path.join(work, "data"), out=os.path.join(work, "base"),
-                              steps=args.pretrain_steps, batch_size=16, seq_len=128, lr=3e-3, eval_every=0,
+                              steps=args.pretrain_steps, batch_size=16, seq_len=128, lr=args.pretrain_lr, eval_every=0,
                               seed=0)
     pretrain.train(tc, progress=not args.json)
     return os.path.join(work, "base", "latest")
@@ -94,10 +120,10 @@ def run_grpo(model_dir: str, out: str, args) -> list[dict]:
     return read_metrics(out)
 
 
-def score(model_dir: str, args) -> dict:
+def score(model_dir: str, args, task=HARD) -> dict:
     model = Transformer.from_pretrained(model_dir).eval()
     ec = EvalConfig(n=args.n, samples=args.samples, max_new_tokens=args.max_new_tokens, batch_size=128, seed=0)
-    return evaluate(model, load_tokenizer(model_dir), HARD, ec)
+    return evaluate(model, load_tokenizer(model_dir), task, ec)
 
 
 def plot_curves(runs: dict[str, list[dict]], path: str) -> None:
@@ -120,18 +146,20 @@ def plot_curves(runs: dict[str, list[dict]], path: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/r1zero")
-    p.add_argument("--easy-docs", type=int, default=4000)
-    p.add_argument("--hard-docs", type=int, default=120)
-    p.add_argument("--pretrain-steps", type=int, default=150)
+    p.add_argument("--easy-docs", type=int, default=8000)
+    p.add_argument("--hard-docs", type=int, default=300, help="worked three-number chains")
+    p.add_argument("--direct-docs", type=int, default=400, help="three-number sums answered in one step")
+    p.add_argument("--pretrain-steps", type=int, default=1200)
+    p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--cold-start", type=int, default=100)
-    p.add_argument("--grpo-steps", type=int, default=30)
-    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--grpo-steps", type=int, default=60)
+    p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--n", type=int, default=100, help="held-out problems")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--n", type=int, default=200, help="held-out problems")
     p.add_argument("--samples", type=int, default=4, help="K samples per problem (pass@1 averaged, maj@K)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,6 +170,7 @@ def main() -> None:
     base = build_base(args.out, args)
     times["pretrain"] = time.perf_counter() - t0
     before = score(base, args)
+    easy = score(base, args, EASY_CHECK)
     t1 = time.perf_counter()
     zero_rows = run_grpo(base, os.path.join(args.out, "grpo_zero"), args)
     times["grpo_zero"] = time.perf_counter() - t1
@@ -159,13 +188,13 @@ def main() -> None:
     total = time.perf_counter() - t0
 
     K = args.samples
-    table = [("base (pretrained on easy sums)", before), ("R1-Zero: base -> GRPO", after),
+    table = [("base, on EASY a + b (check)", easy), ("base (pretrained on easy sums)", before), ("R1-Zero: base -> GRPO", after),
              ("cold-start SFT", cold), ("R1: cold-start SFT -> GRPO", r1)]
     summary = {
         "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
         "mean_length_before": before["mean_length"], "mean_length_after": after["mean_length"],
         f"maj@{K}_before": before["maj@k"], f"maj@{K}_after": after["maj@k"],
-        "pass@1_cold_start": cold["pass@1"], "pass@1_r1": r1["pass@1"], "mean_length_r1": r1["mean_length"],
+        "pass@1_base_easy": easy["pass@1"], "pass@1_cold_start": cold["pass@1"], "pass@1_r1": r1["pass@1"], "mean_length_r1": r1["mean_length"],
         "rl_length_first5": sum(r["response_length"] for r in zero_rows[:5]) / 5,
         "rl_length_last5": sum(r["response_length"] for r in zero_rows[-5:]) / 5,
         "seconds": {k: round(v, 1) for k, v in {**times, "total": total}.items()},
