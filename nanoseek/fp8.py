@@ -473,20 +473,8 @@ class FP8GroupedExperts(GroupedExperts):
         new.backend, new.block, new.granularity = backend, block, granularity
         return new
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n, k = indices.shape
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)  # token slots sorted by expert
-        token = order // k
-        offsets = torch.bincount(flat, minlength=self.gate_proj.shape[0]).cumsum(0)
-        xs = x[token]
-
-        def mm(inp, w):
-            return fp8_grouped_mm(inp, w, offsets, self.backend, self.block, self.granularity)
-
-        h = F.silu(mm(xs, self.gate_proj)) * mm(xs, self.up_proj)
-        y = mm(h, self.down_proj) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+    def expert_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return fp8_grouped_mm(x, w, offsets, self.backend, self.block, self.granularity)
 
     def extra_repr(self) -> str:
         return f"fp8 backend={self.backend}, granularity={self.granularity}"

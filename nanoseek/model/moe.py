@@ -148,6 +148,10 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(e, i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
+    def expert_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Rows of x (sorted by expert) times their expert's w [E, out, in] -> [M, out]. FP8 overrides this."""
+        return grouped_mm(x, w.transpose(1, 2), offsets)
+
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], indices/weights [N, k] -> sum_j weights[:, j] * expert_{indices[:, j]}(x), [N, d]."""
         n, k = indices.shape
@@ -156,9 +160,8 @@ class GroupedExperts(nn.Module):
         token = order // k
         offsets = torch.bincount(flat, minlength=self.gate_proj.shape[0]).cumsum(0)
         xs = x.index_select(0, token)  # not x[token]: its CPU backward accumulates in a nondeterministic order
-        h = F.silu(grouped_mm(xs, self.gate_proj.transpose(1, 2), offsets)) * grouped_mm(
-            xs, self.up_proj.transpose(1, 2), offsets)
-        y = grouped_mm(h, self.down_proj.transpose(1, 2), offsets) * weights.flatten()[order, None].to(x.dtype)
+        h = F.silu(self.expert_mm(xs, self.gate_proj, offsets)) * self.expert_mm(xs, self.up_proj, offsets)
+        y = self.expert_mm(h, self.down_proj, offsets) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
 
