@@ -62,12 +62,17 @@ def split_reasoning(text: str) -> tuple[str, str]:
     return "", text.strip()
 
 
-def stream_text(engine, tok, prompt_ids: list[int], params, write: Callable[[str, bool], None]) -> Reply:
-    """Generate for one prompt, calling write(piece, inside_think) as text arrives."""
+def stream_text(engine, tok, prompt_ids: list[int], params, write: Callable[[str, bool], None],
+                echo: str = "") -> Reply:
+    """Generate for one prompt, calling write(piece, inside_think) as text arrives; `echo` (the prompt, for plain
+    generation) is written once the request has been accepted."""
     think_open, think_close = tok.token_id("<think>"), tok.token_id("</think>")
     dec = StreamDecoder(tok)
     inside, n = False, 0
-    for ev in engine.stream([prompt_ids], params):
+    events = engine.stream([prompt_ids], params)  # raises on a bad request, before anything is printed
+    if echo:
+        write(echo, False)
+    for ev in events:
         n += 1
         if ev.token == think_open:
             inside = True
@@ -99,9 +104,8 @@ def cmd_generate(args) -> None:
         ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
         ids = tok.encode(args.prompt, add_bos=True)
-    if not args.chat:
-        sys.stdout.write(args.prompt)
-    stream_text(engine, tok, ids, _params(args, tok.eos_id), _writer(sys.stdout, sys.stdout.isatty()))
+    stream_text(engine, tok, ids, _params(args, tok.eos_id), _writer(sys.stdout, sys.stdout.isatty()),
+                echo="" if args.chat else args.prompt)
     sys.stdout.write("\n")
 
 
