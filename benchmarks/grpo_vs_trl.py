@@ -8,7 +8,7 @@ and the mean reward of the first and last steps, side by side. TRL is a benchmar
 (pip install trl); when it is missing or fails on this torch / transformers, the script says so and still
 reports nanoseek's side.
 
-    python benchmarks/grpo_vs_trl.py --model CKPT_DIR [--task sum3] [--steps 8] [--json]
+    python benchmarks/grpo_vs_trl.py --model CKPT_DIR [--task sum4] [--steps 8] [--json]
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ from nanoseek.train.loop import read_metrics
 
 
 def get_task(name: str):
-    """'sum3' is benchmarks/r1zero.py's RL task (three one-digit numbers); anything else goes to tasks.get."""
-    return ArithmeticTask(digits=1, n_operands=3, ops="+") if name == "sum3" else tasks.get(name)
+    """'sumN' is benchmarks/r1zero.py's RL task (N one-digit numbers, N = 4 by default there); anything else goes
+    to tasks.get."""
+    if name.startswith("sum") and name[3:].isdigit():
+        return ArithmeticTask(digits=1, n_operands=int(name[3:]), ops="+")
+    return tasks.get(name)
 
 
 def run_nanoseek(args, task, out: str) -> dict:
@@ -96,7 +99,7 @@ def run_trl(args, task) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory (e.g. runs/r1zero/base/latest)")
-    p.add_argument("--task", default="sum3")
+    p.add_argument("--task", default="sum4")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)

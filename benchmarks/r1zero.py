@@ -1,19 +1,21 @@
 """R1-Zero in miniature (DeepSeek-R1 section 2.2), on CPU (1 thread) in under 20 minutes.
 
 1. Base model: pretrain the `tiny` preset (1200 steps) on chat-formatted examples: EASY problems, one addition
-   "a + b" (a in 0..18, b in 0..9) with its worked step, "<think> 13 + 5 = 18 </think> <answer> 18 </answer>";
-   plus a small share of three-number sums (train split), most answered tersely in one step
-   ("<think> 6 + 3 + 2 = 11 </think>", --direct-docs) and a few worked as a chain of the easy steps
-   ("<think> 6 + 3 = 9, 9 + 2 = 11 </think>", --hard-docs). The base knows the format and the easy case; on
-   three-number sums it mostly answers in one step (often wrong) and only sometimes chains the steps.
-2. R1-Zero: GRPO straight from the base on HARDER problems (sums of three one-digit numbers) with rule rewards
-   only (accuracy + format, nanoseek.tasks.rewards). Nothing tells the model to reason step by step or longer;
-   the reward does (chained answers are right more often, so chaining becomes habitual and responses grow).
-3. R1: a small cold-start SFT set of worked three-number traces first, then the same GRPO. Compared side by side.
+   "a + b" (a in 0..27, b in 0..9) with its worked step, "<think> 13 + 5 = 18 </think> <answer> 18 </answer>";
+   plus HARD sums of four one-digit numbers (train split), half answered tersely in one step
+   ("<think> 6 + 3 + 2 + 5 = 16 </think>", --direct-docs) and half worked as a chain of the easy steps
+   ("<think> 6 + 3 = 9, 9 + 2 = 11, 11 + 5 = 16 </think>", --hard-docs). The base knows the format and the easy
+   case; on held-out four-number sums it chains only ~27 % of the time (right ~75 %) and otherwise answers in
+   one step (right ~15 %: a four-number sum in one step is beyond it).
+2. R1-Zero: GRPO straight from the base on the HARD problems with rule rewards only (accuracy + format,
+   nanoseek.tasks.rewards). Nothing tells the model to reason step by step or longer; the reward does (chained
+   answers are right far more often, so chaining becomes habitual and responses grow).
+3. R1: a small cold-start SFT set of worked HARD traces first, then the same GRPO. Compared side by side.
 
 Reported: pass@1 (mean over K samples at temperature 0.6, top-p 0.95), maj@K and pass@K on the held-out test
 split (a problem is in it iff its hash says so; pretraining, SFT and RL only ever draw the train split), mean
 response length before and after, and the response-length / reward curves during RL (PNG).
+--hard-operands 3 gives the earlier three-number variant (easy a in 0..18).
 
     python benchmarks/r1zero.py [--json] [--out DIR]
 """
@@ -38,18 +40,18 @@ from nanoseek.tokenizer import EOS, render_chat, train_tokenizer
 from nanoseek.train import grpo, pretrain, sft
 from nanoseek.train.loop import read_metrics
 
-HARD = ArithmeticTask(digits=1, n_operands=3, ops="+")
+HARD = ArithmeticTask(digits=1, n_operands=4, ops="+")  # set from --hard-operands in main()
 EASY_CHECK = ArithmeticTask(digits=1, n_operands=2, ops="+")  # did the base learn the easy case? (its test split)
 
 
-def easy_examples(n: int, seed: int) -> list[Example]:
-    """EASY problems: one addition "a + b" with a in 0..18 and b in 0..9, i.e. exactly the single steps a chained
-    three-number sum needs (a one-digit sum, then a running total up to 18 plus one digit). A different problem
-    family from HARD (two operands, not three), so nothing here is a HARD test problem."""
+def easy_examples(n: int, seed: int, a_max: int = 27) -> list[Example]:
+    """EASY problems: one addition "a + b" with a in 0..a_max and b in 0..9, i.e. exactly the single steps a chained
+    HARD sum needs (a one-digit sum, then a running total up to 9 * (operands - 1) plus one digit). A different
+    problem family from HARD (two operands), so nothing here is a HARD test problem."""
     rng = random.Random(f"r1zero-easy|{seed}")
     out = []
     for _ in range(n):
-        a, b = rng.randint(0, 18), rng.randint(0, 9)
+        a, b = rng.randint(0, a_max), rng.randint(0, 9)
         expr = f"{a} + {b}"
         out.append(Example(prompt=f"What is {expr}?", answer=a + b, meta={"expression": expr}))
     return out
@@ -81,7 +83,7 @@ def build_base(work: str, args) -> str:
     """Corpus -> tokenizer -> token shards -> pretrain; returns the base checkpoint directory."""
     os.makedirs(work, exist_ok=True)
     rng = random.Random(0)
-    docs = [conversation(ex) for ex in easy_examples(args.easy_docs, seed=1)]
+    docs = [conversation(ex) for ex in easy_examples(args.easy_docs, seed=1, a_max=9 * (args.hard_operands - 1))]
     hard = HARD.sample(args.hard_docs + args.direct_docs, "train", seed=2)
     docs += [conversation(ex) for ex in hard[: args.hard_docs]]
     docs += [conversation(ex, worked=False) for ex in hard[args.hard_docs:]]
@@ -114,13 +116,15 @@ def cold_start(base: str, work: str, args) -> str:
 def run_grpo(model_dir: str, out: str, args) -> list[dict]:
     tc = grpo.GRPOConfig(model=model_dir, task="arithmetic", out=out, steps=args.grpo_steps,
                          prompts_per_step=args.prompts, group_size=args.group, max_new_tokens=args.max_new_tokens,
-                         lr=args.lr, eps_high=0.28, aggregation="dapo", seed=0)
+                         lr=args.lr, eps_high=0.28, aggregation="dapo", drop_equal_groups=args.drop_equal,
+                         seed=0)
     grpo.train(tc, progress=not args.json, task=HARD)
     grpo.plot_grpo(out)
     return read_metrics(out)
 
 
-def score(model_dir: str, args, task=HARD) -> dict:
+def score(model_dir: str, args, task=None) -> dict:
+    task = HARD if task is None else task
     model = Transformer.from_pretrained(model_dir).eval()
     ec = EvalConfig(n=args.n, samples=args.samples, max_new_tokens=args.max_new_tokens, batch_size=128, seed=0)
     return evaluate(model, load_tokenizer(model_dir), task, ec)
@@ -146,22 +150,26 @@ def plot_curves(runs: dict[str, list[dict]], path: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/r1zero")
+    p.add_argument("--hard-operands", type=int, default=4, help="one-digit numbers summed in a HARD problem")
     p.add_argument("--easy-docs", type=int, default=8000)
-    p.add_argument("--hard-docs", type=int, default=300, help="worked three-number chains")
-    p.add_argument("--direct-docs", type=int, default=400, help="three-number sums answered in one step")
+    p.add_argument("--hard-docs", type=int, default=800, help="HARD sums worked as a chain of easy steps")
+    p.add_argument("--direct-docs", type=int, default=800, help="HARD sums answered in one step")
     p.add_argument("--pretrain-steps", type=int, default=1200)
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--cold-start", type=int, default=100)
-    p.add_argument("--grpo-steps", type=int, default=60)
+    p.add_argument("--grpo-steps", type=int, default=90)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--n", type=int, default=200, help="held-out problems")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--drop-equal", action="store_true", help="DAPO dynamic sampling (drop all-equal groups, refill)")
+    p.add_argument("--n", type=int, default=300, help="held-out problems")
     p.add_argument("--samples", type=int, default=4, help="K samples per problem (pass@1 averaged, maj@K)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    global HARD
+    HARD = ArithmeticTask(digits=1, n_operands=args.hard_operands, ops="+")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
@@ -201,7 +209,7 @@ def main() -> None:
         "plots": [os.path.join(args.out, "rl_curves.png")],
     }
     lines = [
-        f"R1-Zero in miniature: tiny preset, held-out 3-number sums (n={args.n}, K={K} samples, T=0.6, top-p 0.95)",
+        f"R1-Zero in miniature: tiny preset, held-out {args.hard_operands}-number sums (n={args.n}, K={K} samples, T=0.6, top-p 0.95)",
         f"{'model':<34}{'pass@1':>8}{'maj@' + str(K):>8}{'pass@' + str(K):>8}{'format':>8}{'length':>8}",
     ]
     for name, s in table:
