@@ -14,13 +14,10 @@ import sys
 import textwrap
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.accounting import memory_per_rank, param_counts
-from nanoseek.data import default_corpus_files, prepare_data
-from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train import pretrain
 from nanoseek.train.loop import read_metrics
 

@@ -7,7 +7,6 @@ import math
 from itertools import combinations
 
 import pytest
-import torch
 
 from nanoseek import Transformer, tasks
 from nanoseek.eval import (EvalConfig, ProblemResult, add_cli, evaluate, majority_correct, pass_at_k, plot_curve,

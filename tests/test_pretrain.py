@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.data import default_corpus_files, prepare_data
 from nanoseek.model.moe import Routing
-from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train import balance, pretrain
 from nanoseek.train.loop import TrainingDiverged, lr_at, read_metrics
 from nanoseek.train.state import latest_checkpoint, list_checkpoints
