@@ -65,3 +65,12 @@ def test_mtp_costs_nothing_unless_asked_and_trains_when_asked():
     F.cross_entropy(mtp[0][:, :-1].flatten(0, 1), x[:, 2:].flatten()).backward()
     assert m.mtp[0].eh_proj.weight.grad.abs().sum() > 0
     assert m.embed_tokens.weight.grad.abs().sum() > 0  # the embedding is shared with the main model
+
+
+def test_forward_names_an_unknown_token_id():
+    m = model_with(depth=1)
+    import pytest
+    with pytest.raises(ValueError, match=r"token id 4096 is outside the model's vocabulary \[0, 4096\)"):
+        m(torch.tensor([[1, 4096]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        m(torch.tensor([[-1, 2]]))

@@ -61,8 +61,8 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids, positions=None, mask=None, kv_caches=None, absorb=False) -> torch.Tensor:
         """Final normalised hidden states [b, t, d]. `positions` ([t] or [b, t]) default to 0..t-1; `mask`
         (bool, True = may attend, broadcast to [b, h, t, s]) defaults to causal; `kv_caches` holds one
-        LatentCache per layer when an engine drives decoding."""
-        self.check_input_ids(input_ids)
+        LatentCache per layer when an engine drives decoding. Token ids are not checked here (forward does; the
+        engine validates prompts once, not every decode step)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rope(positions)
@@ -89,6 +89,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids, positions=None, mask=None, kv_caches=None, absorb=False, return_mtp=False):
         """logits [b, t, vocab]; with return_mtp=True, (logits, mtp_logits) where mtp_logits is as in
         `mtp_logits` (an empty list for a model without MTP modules)."""
+        self.check_input_ids(input_ids)
         h = self.hidden_states(input_ids, positions, mask, kv_caches, absorb)
         logits = self.lm_head(h)
         if not return_mtp:
