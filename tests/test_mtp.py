@@ -1,6 +1,7 @@
 """Multi-token prediction (V3 section 2.2): alignment, causality, the combination formula, and zero cost when
 not asked for."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +70,6 @@ def test_mtp_costs_nothing_unless_asked_and_trains_when_asked():
 
 def test_forward_names_an_unknown_token_id():
     m = model_with(depth=1)
-    import pytest
     with pytest.raises(ValueError, match=r"token id 4096 is outside the model's vocabulary \[0, 4096\)"):
         m(torch.tensor([[1, 4096]]))
     with pytest.raises(ValueError, match="token id -1"):
