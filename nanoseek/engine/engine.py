@@ -1,0 +1,235 @@
+"""Engine: the public face of inference. It owns the latent cache (nanoseek/engine/cache.py), the prefix cache,
+and the forwards over cache rows that the scheduler (nanoseek/engine/scheduler.py) asks for; `generate` and
+`stream` run through that same scheduler, one code path with the server.
+
+Rows: request i owns cache row r_i, holding its sequence at positions 0 .. n_i - 1. Every forward passes
+per-row RoPE positions [b, t] and, when rows are at different lengths, a mask that lets row i see keys
+0 .. n_i + j; padding written past n_i is never visible and is overwritten as the sequence grows.
+
+Attention path: prefill chunks run the expanded path (absorb=False: k_nope, v per head, then SDPA), decode the
+absorbed one (absorb=True: attention over the latent itself, DeepSeek-V2 section 2.1). Both write only the latent.
+The absorbed path materialises fp32 scores [b, h, t, s] while SDPA streams them, so prefill stays expanded
+(`Engine.prefill_absorb = False`; benchmarks/decode.py --compare-prefill times both, see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.engine.cache import CACHE_DTYPES, LatentCache
+from nanoseek.engine.prefix_cache import PrefixCache
+from nanoseek.engine.sampling import SamplingParams, TokenEvent
+from nanoseek.engine.scheduler import Request, Scheduler
+
+
+@dataclass
+class SpecStats:
+    """Speculative decoding counters of the last generate/stream call (one MTP draft per sequence and step)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def request_seed(seed: int | None, i: int) -> int | None:
+    """Seed of prompt i of a batch sampled with `seed`: distinct per prompt, so identical prompts (a GRPO group)
+    still draw different samples, and fixed by (seed, i)."""
+    return None if seed is None else (seed * 1_000_003 + i) % 2**63
+
+
+class Engine:
+    """Batched generation for a nanoseek Transformer with a latent KV cache.
+
+    Engine(model, max_batch_size=8, max_seq_len=4096, kv_cache_dtype=None): the cache is allocated once here
+    for max_batch_size sequences of max_seq_len tokens (prompt + generated). kv_cache_dtype is "fp32", "bf16"
+    or "fp8"; None means the model's dtype ("fp32" for fp32 weights, "bf16" otherwise). prefix_cache_tokens
+    bounds the prefix cache (0 switches it off; default 4 * max_seq_len tokens); prefill_chunk is the most
+    prompt tokens one step prefills.
+
+    A request must satisfy len(prompt) + max_new_tokens <= max_seq_len; otherwise generate raises ValueError
+    before computing anything (no silent truncation). The engine is single-threaded: one generate/stream (or
+    the server's loop) drives it at a time.
+    """
+
+    def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, kv_cache_dtype: str | None = None,
+                 prefix_cache_tokens: int | None = None, prefill_chunk: int = 512):
+        cfg = model.config
+        if max_batch_size < 1 or max_seq_len < 2:
+            raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+        w = model.embed_tokens.weight
+        self.model, self.cfg, self.device, self.dtype = model, cfg, w.device, w.dtype
+        if kv_cache_dtype is None:
+            kv_cache_dtype = "fp32" if w.dtype == torch.float32 else "bf16"
+        if kv_cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        self.kv_cache_dtype = kv_cache_dtype
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.cache = self._new_cache(cfg.num_hidden_layers)
+        self.mtp_cache: LatentCache | None = None  # allocated on the first speculative request
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = 4 * max_seq_len
+        self.prefix_cache = PrefixCache(self.cache, prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self.stats = SpecStats()
+        # ragged chunks prefill as one padded batch while its dense [B, T, S] mask has at most this many entries
+        self.prefill_mask_limit = 2**22
+        # prefill attention path: expanded SDPA measured faster on CPU (benchmarks/decode.py --compare-prefill)
+        self.prefill_absorb = False
+        self.scheduler = Scheduler(self, prefill_chunk)
+        model.eval()
+
+    def _new_cache(self, n_layers: int) -> LatentCache:
+        c = self.cfg
+        return LatentCache(n_layers, self.max_batch_size, self.max_seq_len, c.kv_lora_rank, c.qk_rope_head_dim,
+                           self.kv_cache_dtype, self.dtype, self.device)
+
+    def kv_cache_bytes_per_token(self) -> int:
+        """Bytes of the main model's allocated latent cache per token slot (all layers, scales included)."""
+        return self.cache.nbytes() // (self.max_batch_size * self.max_seq_len)
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts: list[list[int]], params: SamplingParams, speculative: bool = False) -> list[list[int]]:
+        """New tokens for each prompt (stop token included when one ended the sequence)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for ev in self.stream(prompts, params, speculative):
+            out[ev.seq].append(ev.token)
+        return out
+
+    def stream(self, prompts: list[list[int]], params: SamplingParams, speculative: bool = False,
+               return_logits: bool = False) -> Iterator[TokenEvent]:
+        """Yield TokenEvent(seq, token[, logits]) as tokens are produced, in order within each sequence. Each
+        step yields at most one token per live sequence (speculative steps up to two: draft, then bonus).
+        Prompt i samples with seed request_seed(params.seed, i).
+
+        speculative=True drafts one token per step with the first MTP module and verifies it together with the
+        pending token in one forward of the main model; greedy only (temperature 0 or top_k 1), and the output
+        is the same as plain greedy decoding. Counters go to `engine.stats` (acceptance_rate).
+
+        Bad requests raise ValueError here, before the first token is asked for."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of token-id lists")
+        if len(prompts) > self.max_batch_size:
+            raise ValueError(f"{len(prompts)} prompts exceed max_batch_size={self.max_batch_size}: split the batch "
+                             "or build the Engine with a larger max_batch_size")
+        for i, p in enumerate(prompts):
+            self.check_request(p, params, speculative, what=f"prompt {i}")
+        reqs = []
+        for i, p in enumerate(prompts):
+            ps = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k,
+                                params.stop_token_ids, request_seed(params.seed, i))
+            reqs.append(Request(list(p), ps, speculative=speculative, return_logits=return_logits))
+        return self._stream(reqs)
+
+    def _stream(self, reqs: list[Request]) -> Iterator[TokenEvent]:
+        if reqs[0].params.max_new_tokens == 0:
+            return
+        self.stats = SpecStats()
+        seq = {r.id: i for i, r in enumerate(reqs)}
+        for r in reqs:
+            self.scheduler.add(r)
+        try:
+            while not all(r.finished for r in reqs):
+                events, _ = self.scheduler.step()
+                for ev in events:
+                    yield TokenEvent(seq[ev.request.id], ev.token, ev.logits)
+        finally:  # a consumer that stops early frees the rows
+            for r in reqs:
+                self.scheduler.abort(r)
+
+    def check_request(self, prompt, params: SamplingParams, speculative: bool = False, what: str = "the prompt"):
+        """Raise ValueError (TypeError for wrong types) saying what to change when a request cannot run."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if len(prompt) == 0:
+            raise ValueError(f"{what} is empty: every prompt needs at least one token (e.g. BOS)")
+        vocab = self.cfg.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{what} has token id {bad[0]!r} outside the vocabulary [0, {vocab})")
+        if len(prompt) + max(params.max_new_tokens, 1) > self.max_seq_len:
+            raise ValueError(f"{what} has {len(prompt)} tokens; with max_new_tokens={params.max_new_tokens} that "
+                             f"exceeds max_seq_len={self.max_seq_len}: shorten the prompt, lower "
+                             "max_new_tokens or build the Engine with a larger max_seq_len")
+        if speculative:
+            if len(self.model.mtp) == 0:
+                raise ValueError("speculative=True needs a model with MTP modules (num_nextn_predict_layers >= 1)")
+            if not (params.greedy or params.top_k == 1):
+                raise ValueError("speculative decoding is greedy only here: use temperature=0 (or top_k=1)")
+            if self.mtp_cache is None:
+                self.mtp_cache = self._new_cache(1)
+
+    # ------------------------------------------------------------------ forwards over cache rows
+    def rows_index(self, rows: list[int]):
+        """Cache rows as a slice when contiguous (a view, no copy), else an index tensor [b]."""
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return torch.tensor(rows, device=self.device)
+
+    def step_mask(self, n: torch.Tensor, t: int, kv_len: int):
+        """Bool [b, 1, t, kv_len]: query j of row i sees keys 0 .. n_i + j; None when all rows agree (causal)."""
+        if bool((n == n[0]).all()):
+            return None
+        keys = torch.arange(kv_len, device=self.device)
+        return (keys <= (n[:, None] + torch.arange(t, device=self.device))[..., None]).unsqueeze(1)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.lm_head(h).float()
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[int], starts: list[int], chunks: list[list[int]], want_all: list[bool]):
+        """Run prompt chunks through the model (expanded attention): chunk i goes to cache row rows[i] at positions
+        starts[i] .. starts[i] + len - 1 and sees that row's cached keys before it. Returns the hidden state at
+        each chunk's last token [k, d] and, where want_all[i], the chunk's hidden states [len_i, d] (else None).
+
+        Chunks run as one right-padded batch while its dense mask is small, else one at a time (a dense mask for
+        long ragged chunks costs B*T*S bytes and loses SDPA's causal fast path)."""
+        k = len(rows)
+        lens = [len(c) for c in chunks]
+        T, S = max(lens), max(s + n for s, n in zip(starts, lens))
+        same = len(set(zip(starts, lens))) == 1
+        groups = [list(range(k))] if same or k * T * S <= self.prefill_mask_limit else [[i] for i in range(k)]
+        last = torch.empty(k, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        every: list[torch.Tensor | None] = [None] * k
+        for g in groups:
+            b, t = len(g), max(lens[i] for i in g)
+            ids = torch.zeros(b, t, dtype=torch.long, device=self.device)
+            for j, i in enumerate(g):
+                ids[j, : lens[i]] = torch.tensor(chunks[i], device=self.device)
+            start = torch.tensor([starts[i] for i in g], device=self.device)
+            # padding positions are clamped inside the row; they lie past its valid length and are never read
+            pos = (start[:, None] + torch.arange(t, device=self.device)).clamp(max=self.max_seq_len - 1)
+            kv_len = max(starts[i] + lens[i] for i in g)
+            mask = None
+            if len({(starts[i], lens[i]) for i in g}) > 1:
+                mask = (torch.arange(kv_len, device=self.device) <= pos[..., None]).unsqueeze(1)
+            self.cache.set_step(self.rows_index([rows[i] for i in g]), pos, kv_len)
+            h = self.model.hidden_states(ids, pos, mask, self.cache.views, absorb=self.prefill_absorb)
+            for j, i in enumerate(g):
+                last[i] = h[j, lens[i] - 1]
+                if want_all[i]:
+                    every[i] = h[j, : lens[i]]
+        return last, every
+
+    @torch.inference_mode()
+    def decode(self, rows: list[int], n: list[int], pending: list[int]) -> torch.Tensor:
+        """One absorbed decode step: feed each row's pending token at position n_i; next logits [b, vocab] fp32."""
+        n_t = torch.tensor(n, device=self.device)
+        pos = n_t[:, None]
+        kv_len = max(n) + 1
+        self.cache.set_step(self.rows_index(rows), pos, kv_len)
+        h = self.model.hidden_states(torch.tensor(pending, device=self.device)[:, None], pos,
+                                     self.step_mask(n_t, 1, kv_len), self.cache.views, absorb=True)
+        return self.model.lm_head(h[:, -1]).float()
+
+    @torch.inference_mode()
+    def copy_row(self, src: int, dst: int, upto: int) -> None:
+        """Cache row dst <- row src for positions < upto (a group member taking its leader's prompt)."""
+        for buf in self.cache.tensors():
+            buf[dst, :upto] = buf[src, :upto]

@@ -1,0 +1,271 @@
+"""Continuous batching: the request loop. Every `step()` admits waiting requests into free cache rows, prefills
+them in chunks alongside the rows that decode, samples one token per decoding row (two for a speculative row whose
+draft was accepted), and retires finished requests at once so their rows are free for the next step.
+
+A request owns one row of the latent cache from admission to retirement; rows are never moved. Requests with an
+identical prompt admitted while one of them is still prefilling (a GRPO group) follow that leader: when its
+prefill ends they copy its row and sample from its logits, so the group's prompt is computed once. Otherwise the
+prefix cache (nanoseek/engine/prefix_cache.py) supplies the longest cached prefix of the prompt.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from nanoseek.engine.sampling import SamplingParams, sample
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt being served. `logprobs` asks for the log-probability of each generated token and of its
+    `logprobs` most likely alternatives; `prompt_logprobs` for those of every prompt token after the first
+    (echo with logprobs); `return_logits` for each generated token's fp32 logits."""
+
+    prompt: list[int]
+    params: SamplingParams
+    speculative: bool = False
+    return_logits: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    # state, owned by the scheduler
+    row: int | None = None
+    n: int = 0  # positions of the row holding valid latents
+    pending: int | None = None  # newest token: emitted, not in the cache yet
+    output: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens reused (prefix cache or group leader) instead of computed
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    prompt_logprob_values: list = field(default_factory=list)  # (logprob, top [(id, logprob)]) per prompt token >= 1
+    gen: torch.Generator | None = None
+    leader: Request | None = None
+    followers: list = field(default_factory=list)
+    hidden: list = field(default_factory=list)  # speculative: prefill hidden states, for the MTP cache
+    draft: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Event(NamedTuple):
+    """One generated token of `request`; logits / logprob / top filled only when the request asked for them."""
+
+    request: Request
+    token: int
+    logits: torch.Tensor | None = None
+    logprob: float | None = None
+    top: list | None = None
+
+
+class Scheduler:
+    def __init__(self, engine, prefill_chunk: int = 512):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.engine, self.prefill_chunk = engine, prefill_chunk
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.free_rows = list(range(engine.max_batch_size))
+        self.prefilling: dict[tuple, Request] = {}  # prompt -> the leader prefilling it now
+        self.prompt_tokens = self.generation_tokens = 0  # counters for /metrics
+
+    # ------------------------------------------------------------------ requests in and out
+    def add(self, req: Request) -> None:
+        if not req.params.greedy:
+            req.gen = torch.Generator(device=self.engine.device)
+            req.gen.manual_seed(req.params.seed) if req.params.seed is not None else req.gen.seed()
+        self.waiting.append(req)
+
+    def abort(self, req: Request) -> None:
+        """Drop a request now (client gone): its row is free for the next step."""
+        if req.finished:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._finish(req, "abort")
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def usage(self) -> float:
+        """Fraction of the latent cache's token slots holding live latents."""
+        e = self.engine
+        return sum(r.n for r in self.running) / (e.max_batch_size * e.max_seq_len)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        if req.row is not None:
+            self.running.remove(req)
+            self.free_rows.append(req.row)
+            req.row = None
+        if self.prefilling.get(tuple(req.prompt)) is req:
+            del self.prefilling[tuple(req.prompt)]
+        for f in req.followers:  # a leader gone before its prefill ended: followers prefill themselves
+            f.leader = None
+        req.followers, req.hidden = [], []
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> tuple[list[Event], list[Request]]:
+        """Run one step; returns the tokens produced and the requests that finished in it."""
+        events: list[Event] = []
+        self._admit()
+        decoding = [r for r in self.running if r.pending is not None]
+        prefill = [r for r in self.running if r.pending is None and r.leader is None]
+        finished: list[Request] = []
+        if prefill:
+            events += self._prefill(prefill, finished)
+        plain = [r for r in decoding if not r.speculative]
+        spec = [r for r in decoding if r.speculative]
+        if plain:
+            logits = self.engine.decode([r.row for r in plain], [r.n for r in plain], [r.pending for r in plain])
+            for r in plain:
+                r.n += 1
+            events += self._emit(plain, logits, finished)
+        if spec:
+            events += self._spec(spec, finished)
+        return events, finished
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_rows:
+            req = self.waiting.popleft()
+            self.free_rows.sort()
+            req.row = self.free_rows.pop(0)  # lowest free row: live rows stay mostly contiguous
+            self.running.append(req)
+            self.prompt_tokens += len(req.prompt)
+            key = tuple(req.prompt)
+            share = not (req.speculative or req.prompt_logprobs)  # these need the whole prompt computed
+            leader = self.prefilling.get(key) if share else None
+            if leader is not None:
+                req.leader = leader
+                leader.followers.append(req)
+                continue
+            pc = self.engine.prefix_cache
+            if share and pc is not None:
+                req.n = req.cached_tokens = pc.load(req.row, pc.match(req.prompt))
+            if share:
+                self.prefilling[key] = req
+
+    def _prefill(self, reqs: list[Request], finished: list[Request]) -> list[Event]:
+        """Give prefilling requests chunks of at most prefill_chunk tokens each, in arrival order, while the step's
+        budget (prefill_chunk tokens) lasts; the first always gets its chunk. Chunk boundaries depend only on the
+        request itself, so its latents do not depend on what else runs."""
+        chunks, budget = [], self.prefill_chunk
+        for r in reqs:
+            c = min(len(r.prompt) - r.n, self.prefill_chunk)
+            if chunks and c > budget:
+                break
+            chunks.append((r, c))
+            budget -= c
+        want_all = [r.prompt_logprobs or r.speculative for r, _ in chunks]
+        h_last, h_all = self.engine.prefill([r.row for r, _ in chunks], [r.n for r, _ in chunks],
+                                            [r.prompt[r.n: r.n + c] for r, c in chunks], want_all)
+        done, last = [], []
+        for j, (r, c) in enumerate(chunks):
+            if r.prompt_logprobs:
+                self._prompt_logprobs(r, h_all[j], c)
+            if r.speculative:
+                r.hidden.append(h_all[j])
+            r.n += c
+            if r.n == len(r.prompt):
+                done.append(r)
+                last.append(h_last[j])
+        if not done:
+            return []
+        pc = self.engine.prefix_cache
+        for r in done:
+            if pc is not None and not r.speculative:
+                pc.store(r.row, r.prompt)
+            if self.prefilling.get(tuple(r.prompt)) is r:
+                del self.prefilling[tuple(r.prompt)]
+        logits = self.engine.logits(torch.stack(last))
+        # followers take the leader's latents and logits
+        rows, expanded = [], []
+        for j, r in enumerate(done):
+            rows.append(r)
+            expanded.append(logits[j])
+            for f in r.followers:
+                self.engine.copy_row(r.row, f.row, r.n)
+                f.n = f.cached_tokens = r.n
+                f.leader = None
+                rows.append(f)
+                expanded.append(logits[j])
+            r.followers = []
+        no_tokens = [r for r in rows if r.params.max_new_tokens == 0]  # prompt logprobs only
+        for r in no_tokens:
+            self._finish(r, "length")
+            finished.append(r)
+        keep = [j for j, r in enumerate(rows) if r.params.max_new_tokens > 0]
+        if not keep:
+            return []
+        rows = [rows[j] for j in keep]
+        events = self._emit(rows, torch.stack([expanded[j] for j in keep]), finished)
+        spec = [r for r in rows if r.speculative and not r.finished]
+        if spec:
+            from nanoseek.engine.speculative import mtp_prefill
+            drafts = mtp_prefill(self.engine, [r.row for r in spec], [r.prompt for r in spec],
+                                 [torch.cat(r.hidden) for r in spec], [r.pending for r in spec])
+            for r, d in zip(spec, drafts.tolist()):
+                r.draft, r.hidden = d, []
+        return events
+
+    def _prompt_logprobs(self, r: Request, h: torch.Tensor, c: int) -> None:
+        """Log-probabilities of prompt tokens n+1 .. n+c (those this chunk's positions predict) and top-1."""
+        lp = self.engine.logits(h[:c]).log_softmax(-1)
+        nxt = r.prompt[r.n + 1: r.n + c + 1]
+        k = max(r.logprobs or 1, 1)
+        top_v, top_i = lp.topk(k, dim=-1)
+        for i, t in enumerate(nxt):
+            r.prompt_logprob_values.append((float(lp[i, t]), list(zip(top_i[i].tolist(), top_v[i].tolist()))))
+
+    def _emit(self, reqs: list[Request], logits: torch.Tensor, finished: list[Request]) -> list[Event]:
+        """Sample one token per request from logits [b, vocab], record it, retire finished requests."""
+        greedy = logits.argmax(dim=-1).tolist()
+        events = []
+        for j, r in enumerate(reqs):
+            tok = greedy[j] if r.params.greedy else int(sample(logits[j: j + 1], r.params, r.gen)[0])
+            events.append(self._token(r, tok, logits[j], finished))
+        return events
+
+    def _token(self, r: Request, tok: int, logits: torch.Tensor, finished: list[Request]) -> Event:
+        r.output.append(tok)
+        r.pending = tok
+        self.generation_tokens += 1
+        lp = top = None
+        if r.logprobs is not None:
+            all_lp = logits.log_softmax(-1)
+            lp = float(all_lp[tok])
+            if r.logprobs > 0:
+                v, i = all_lp.topk(r.logprobs)
+                top = list(zip(i.tolist(), v.tolist()))
+        ev = Event(r, tok, logits.clone() if r.return_logits else None, lp, top)
+        if tok in r.params.stop_token_ids or len(r.output) >= r.params.max_new_tokens:
+            self._finish(r, "stop" if tok in r.params.stop_token_ids else "length")
+            finished.append(r)
+        return ev
+
+    def _spec(self, reqs: list[Request], finished: list[Request]) -> list[Event]:
+        from nanoseek.engine.speculative import spec_step
+        e = self.engine
+        n = torch.tensor([r.n for r in reqs], device=e.device)
+        verify, accepted, bonus, drafts = spec_step(
+            e, e.rows_index([r.row for r in reqs]), n, torch.tensor([r.pending for r in reqs], device=e.device),
+            torch.tensor([r.draft for r in reqs], device=e.device), e.step_mask)
+        e.stats.steps += 1
+        events = []
+        for j, r in enumerate(reqs):
+            a = int(accepted[j])
+            e.stats.drafted += 1
+            e.stats.accepted += a
+            r.n += 1 + a
+            for k in range(a + 1):  # accepted drafts are the main model's own greedy choices
+                events.append(self._token(r, int(verify[j, k].argmax()), verify[j, k], finished))
+                if r.finished:
+                    break
+            r.pending, r.draft = int(bonus[j]), int(drafts[j])
+        return events
