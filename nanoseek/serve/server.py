@@ -1,0 +1,73 @@
+"""Building and running a server: `load_app` from a checkpoint directory, and `ServerThread`, uvicorn in a
+background thread on a local port (what tests and benchmarks/serve.py use; `nanoseek serve` runs uvicorn in the
+foreground instead)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_app(model_dir: str, max_batch_size: int = 8, max_seq_len: int = 4096, kv_cache_dtype: str | None = None,
+             max_queue: int = 256, api_key: str | None = None, dtype: str = "float32",
+             served_model_name: str | None = None, prefix_cache_tokens: int | None = None):
+    """(FastAPI app, engine) for a checkpoint directory that holds a tokenizer."""
+    from nanoseek.engine import Engine
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.serve.app import create_app
+    from nanoseek.tokenizer import load_tokenizer
+
+    if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        raise ValueError(f"{model_dir} has no tokenizer.json: serve needs the checkpoint's tokenizer "
+                         "(training runs copy it into every checkpoint)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    tok = load_tokenizer(model_dir)
+    model = Transformer.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
+    engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv_cache_dtype=kv_cache_dtype,
+                    prefix_cache_tokens=prefix_cache_tokens)
+    name = served_model_name or os.path.basename(os.path.normpath(model_dir))
+    return create_app(engine, tok, name, api_key=api_key, max_queue=max_queue), engine
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """`with ServerThread(app) as url:` serves `app` on a free local port until the block ends; the port and the
+    engine thread are closed on exit."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
+        import uvicorn
+
+        self.host, self.port = host, port or free_port(host)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

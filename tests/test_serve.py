@@ -1,0 +1,311 @@
+"""`nanoseek serve`: a live server on a free local port, driven by the real `openai` client (chat streaming and
+not, completions with logprobs) and by raw HTTP for every bad input. Every server a test starts is stopped by it."""
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import json
+import os
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
+openai = pytest.importorskip("openai", reason="the openai client is not installed: pip install -e '.[test]'")
+httpx = pytest.importorskip("httpx")
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.serve.app import create_app
+from nanoseek.serve.server import ServerThread, load_app
+from nanoseek.tokenizer import load_tokenizer, train_tokenizer
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    corpus = root / "corpus.txt"
+    corpus.write_text("<think>the answer is four</think> four. héllo wörld ✓ two and two.\n" * 50)
+    train_tokenizer([str(corpus)], 300, str(root / NAME))
+    tok = load_tokenizer(str(root / NAME))
+    torch.manual_seed(0)
+    Transformer(ModelConfig.from_preset("tiny").replace(vocab_size=tok.vocab_size)).save_pretrained(root / NAME)
+    return str(root / NAME)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    """One server for the module: 4 rows, 256-token context, a short queue."""
+    app, engine = load_app(checkpoint, max_batch_size=4, max_seq_len=256, max_queue=8, prefix_cache_tokens=1024)
+    with ServerThread(app) as url:
+        yield url, engine
+    assert not app.state.loop.thread.is_alive()  # the engine thread went down with the server
+
+
+def client(url, **kw):
+    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def offline(checkpoint, prompt_ids, n):
+    """Greedy tokens for one prompt on a fresh engine (no server): what the server must return."""
+    model = Transformer.from_pretrained(checkpoint)
+    tok = load_tokenizer(checkpoint)
+    engine = Engine(model, max_batch_size=1, max_seq_len=256, prefix_cache_tokens=0)
+    return engine.generate([prompt_ids], SamplingParams(n, temperature=0, stop_token_ids=(tok.eos_id,)))[0]
+
+
+def split_ids(tok, ids):
+    """(reasoning, content) text of generated ids, split by token id as the server does."""
+    close, opened = tok.token_id("</think>"), tok.token_id("<think>")
+    cut = ids.index(close) if close in ids else len(ids)
+    keep = lambda xs: [t for t in xs if t not in (opened, close)]
+    return tok.decode(keep(ids[:cut]), skip_special=True), tok.decode(keep(ids[cut + 1:]), skip_special=True)
+
+
+def metric(url, name):
+    text = httpx.get(url + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+# ---------------------------------------------------------------------------------------------- happy paths
+def test_chat_matches_offline_generation_and_splits_reasoning(server, checkpoint):
+    url, _ = server
+    tok = load_tokenizer(checkpoint)
+    msgs = [{"role": "user", "content": "two and two?"}]
+    r = client(url).chat.completions.create(model=NAME, messages=msgs, max_tokens=12, temperature=0)
+    ids = offline(checkpoint, tok.encode_chat(msgs, add_generation_prompt=True), 12)
+    reasoning, content = split_ids(tok, ids)
+    m = r.choices[0].message
+    assert m.content == content and m.model_extra["reasoning_content"] == reasoning == m.model_extra["reasoning"]
+    assert r.usage.completion_tokens == len(ids)
+    close = tok.token_id("</think>")
+    assert r.usage.completion_tokens_details.reasoning_tokens == (ids.index(close) if close in ids else len(ids))
+    assert r.choices[0].finish_reason == ("stop" if ids[-1] == tok.eos_id else "length")
+
+
+def test_chat_stream_equals_non_stream(server):
+    url, _ = server
+    kw = {"model": NAME, "messages": [{"role": "user", "content": "héllo"}], "max_tokens": 16, "temperature": 0}
+    full = client(url).chat.completions.create(**kw).choices[0].message
+    reasoning, content, usage, finish = "", "", None, None
+    for chunk in client(url).chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            reasoning += (c.delta.model_extra or {}).get("reasoning_content") or ""
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert (reasoning, content) == (full.model_extra["reasoning_content"], full.content)
+    assert usage is not None and usage.completion_tokens > 0 and finish in ("stop", "length")
+
+
+def test_concurrent_greedy_requests_equal_offline(server, checkpoint):
+    """Seven requests at once on four rows (continuous batching, queueing): each equals its offline run."""
+    url, _ = server
+    tok = load_tokenizer(checkpoint)
+    questions = [f"question {i}: " + "two " * i for i in range(7)]
+
+    async def ask_all():
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        rs = await asyncio.gather(*[c.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": q}], max_tokens=10, temperature=0) for q in questions])
+        await c.close()
+        return rs
+
+    for q, r in zip(questions, asyncio.run(ask_all())):
+        ids = offline(checkpoint, tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True), 10)
+        assert (r.choices[0].message.model_extra["reasoning_content"], r.choices[0].message.content) == \
+            split_ids(tok, ids)
+
+
+def test_n_seed_stop_and_history_reasoning_dropped(server):
+    url, _ = server
+    c = client(url)
+    kw = {"model": NAME, "max_tokens": 8, "temperature": 1.0, "seed": 3, "n": 3,
+              "messages": [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "<think>secret</think>four"},
+                        {"role": "user", "content": "again"}]}
+    a, b = c.chat.completions.create(**kw), c.chat.completions.create(**kw)
+    assert [x.message.model_extra["reasoning_content"] for x in a.choices] == \
+        [x.message.model_extra["reasoning_content"] for x in b.choices]
+    assert sorted(x.index for x in a.choices) == [0, 1, 2]
+    text = a.choices[0].message.model_extra["reasoning_content"] + (a.choices[0].message.content or "")
+    if len(text) > 2:  # a stop string cuts the text before it and reports finish_reason "stop"
+        stop = text[1:3]
+        r = c.chat.completions.create(**{**kw, "n": 1, "stop": [stop]}).choices[0]
+        assert stop not in (r.message.model_extra["reasoning_content"] + (r.message.content or ""))
+        assert r.finish_reason == "stop"
+
+
+def test_completions_logprobs_echo(server, checkpoint):
+    """lm-evaluation-harness's local-completions scoring: token-id prompts, echo, logprobs=1."""
+    url, _ = server
+    tok = load_tokenizer(checkpoint)
+    prompt = tok.encode("two and two is four", add_bos=True)
+    r = client(url).completions.create(model=NAME, prompt=[prompt, prompt[:4]], max_tokens=1, temperature=0,
+                                       logprobs=1, echo=True)
+    model = Transformer.from_pretrained(checkpoint)
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt]))[0].float().log_softmax(-1)
+    ch = sorted(r.choices, key=lambda x: x.index)
+    lp = ch[0].logprobs
+    assert len(lp.token_logprobs) == len(prompt) + 1 and lp.token_logprobs[0] is None
+    want = [float(ref[i, prompt[i + 1]]) for i in range(len(prompt) - 1)] + [float(ref[-1].max())]
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) < 1e-3
+    assert lp.top_logprobs[1] and abs(max(lp.top_logprobs[-1].values()) - lp.token_logprobs[-1]) < 1e-6
+    assert ch[0].text.startswith(tok.decode(prompt)) and len(ch[1].logprobs.token_logprobs) == 5
+    # a plain string prompt, streamed
+    text = "".join(c.choices[0].text for c in client(url).completions.create(
+        model=NAME, prompt="two", max_tokens=5, temperature=0, stream=True) if c.choices)
+    assert text == client(url).completions.create(model=NAME, prompt="two", max_tokens=5, temperature=0).choices[0].text
+
+
+def test_prefix_cache_hit_reported_in_usage(server):
+    url, _ = server
+    system = "you are a careful assistant. " * 4
+    c = client(url)
+    kw = {"model": NAME, "max_tokens": 2, "temperature": 0}
+    c.chat.completions.create(messages=[{"role": "system", "content": system}, {"role": "user", "content": "a"}], **kw)
+    r = c.chat.completions.create(messages=[{"role": "system", "content": system}, {"role": "user", "content": "b"}],
+                                  **kw)
+    u = r.usage.model_dump()
+    assert u["prompt_tokens_details"]["cached_tokens"] >= 32
+    assert u["prompt_cache_hit_tokens"] + u["prompt_cache_miss_tokens"] == u["prompt_tokens"]
+    assert metric(url, "vllm:prefix_cache_hits_total") >= 32
+
+
+def test_models_health_metrics(server):
+    url, _engine = server
+    models = client(url).models.list().data
+    assert [m.id for m in models] == [NAME] and models[0].model_extra["max_model_len"] == 256
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    text = httpx.get(url + "/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prefix_cache_queries_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_count"):
+        assert name in text, name
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def error_of(r, status):
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_bad_inputs_get_openai_errors_and_the_server_survives(server):
+    url, _ = server
+    chat = url + "/v1/chat/completions"
+    ok = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    error_of(httpx.post(chat, content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert error_of(httpx.post(chat, json={**ok, "max_tokens": "many"}), 400)["param"] == "max_tokens"
+    error_of(httpx.post(chat, json={**ok, "messages": "hi"}), 400)
+    error_of(httpx.post(chat, json={**ok, "temperature": -1}), 400)
+    error_of(httpx.post(chat, json=[1, 2]), 400)
+    assert error_of(httpx.post(chat, json={**ok, "model": "gpt-5"}), 404)["code"] == "model_not_found"
+    assert error_of(httpx.post(chat, json={**ok, "messages": []}), 400)["param"] == "messages"
+    err = error_of(httpx.post(chat, json={**ok, "max_tokens": 300}), 400)
+    assert "256" in err["message"] and "300" in err["message"] and err["code"] == "context_length_exceeded"
+    long = {**ok, "messages": [{"role": "user", "content": "two " * 400}], "max_tokens": None}
+    assert error_of(httpx.post(chat, json=long), 400)["code"] == "context_length_exceeded"
+    error_of(httpx.post(chat, json={**ok, "messages": [{"role": "user", "content": "x" * 2_000_000}]}), 413)
+    err = error_of(httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": [1, 99999], "max_tokens": 1}),
+                   400)
+    assert "vocabulary" in err["message"]
+    error_of(httpx.post(chat, json={**ok, "n": 9}), 429)  # 9 rows asked of an 8-deep queue
+    error_of(httpx.get(url + "/v1/nothing"), 404)
+    assert httpx.post(chat, json=ok).status_code == 200  # still serving
+
+
+def test_full_queue_answers_429(checkpoint):
+    app, _ = load_app(checkpoint, max_batch_size=1, max_seq_len=256, max_queue=2)
+    body = {"model": NAME, "prompt": "two", "max_tokens": 200, "ignore_eos": True}
+    with ServerThread(app) as url:
+        async def flood():
+            async with httpx.AsyncClient(timeout=60) as c:
+                return await asyncio.gather(*[c.post(url + "/v1/completions", json=body) for _ in range(6)])
+        codes = sorted(r.status_code for r in asyncio.run(flood()))
+        assert 200 in codes and 429 in codes, codes
+
+
+def test_disconnect_frees_the_row(server):
+    url, _ = server
+    body = {"model": NAME, "messages": [{"role": "user", "content": "talk"}], "max_tokens": 220, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+        it = r.iter_lines()
+        for _ in range(3):
+            next(it)
+        assert metric(url, "vllm:num_requests_running") == 1
+    deadline = time.time() + 10
+    while metric(url, "vllm:num_requests_running") != 0:
+        assert time.time() < deadline, "the disconnected request still holds its row"
+        time.sleep(0.05)
+    # and a non-streaming request whose client times out
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
+    deadline = time.time() + 10
+    while metric(url, "vllm:num_requests_running") != 0:
+        assert time.time() < deadline, "the timed-out request still holds its row"
+        time.sleep(0.05)
+
+
+def test_api_key(checkpoint):
+    app, _ = load_app(checkpoint, max_batch_size=1, max_seq_len=64, api_key="sekrit")
+    with ServerThread(app) as url:
+        assert httpx.get(url + "/health").status_code == 200
+        for path in ("/v1/models", "/metrics"):
+            assert error_of(httpx.get(url + path), 401)["code"] == "invalid_api_key"
+        error_of(httpx.post(url + "/v1/chat/completions", json={}), 401)
+        with pytest.raises(openai.AuthenticationError):
+            client(url, api_key="wrong").models.list()
+        assert client(url, api_key="sekrit").models.list().data[0].id == NAME
+
+
+def test_health_503_when_the_engine_loop_dies(checkpoint):
+    model = Transformer.from_pretrained(checkpoint)
+    engine = Engine(model, max_batch_size=1, max_seq_len=64)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    engine.scheduler.step = broken
+    with ServerThread(create_app(engine, load_tokenizer(checkpoint), NAME)) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"model": NAME, "max_tokens": 2,
+                                                           "messages": [{"role": "user", "content": "hi"}]})
+        assert error_of(r, 503)["code"] == "engine_error" and "boom" in r.json()["error"]["message"]
+        assert httpx.get(url + "/health").status_code == 503
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def serve_cli():
+    try:
+        return importlib.import_module("nanoseek.cli.serve")
+    except ModuleNotFoundError:  # nanoseek/cli is still a module on this branch: load the file itself
+        path = os.path.join(os.path.dirname(__file__), "..", "nanoseek", "cli", "serve.py")
+        spec = importlib.util.spec_from_file_location("nanoseek_cli_serve", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+
+def test_cli_flags():
+    mod = serve_cli()
+    p = argparse.ArgumentParser()
+    mod.register(p.add_subparsers(dest="command"))
+    a = p.parse_args(["serve", "--model", "m", "--port", "8123", "--max-batch-size", "2", "--kv-cache-dtype", "fp8",
+                      "--max-queue", "4", "--api-key", "k"])
+    assert (a.func, a.port, a.max_batch_size, a.kv_cache_dtype, a.max_queue, a.api_key, a.host) == \
+        (mod.run, 8123, 2, "fp8", 4, "k", "127.0.0.1")
+    with pytest.raises(ValueError, match="--port"):
+        mod.check(p.parse_args(["serve", "--model", "m", "--port", "0"]))
+    assert json.dumps(vars(a), default=str)
