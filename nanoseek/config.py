@@ -78,11 +78,9 @@ class ModelConfig:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
-    @property
-    def is_moe_layer(self):
-        """is_moe_layer(i): layer i uses DeepSeekMoE (else a dense SwiGLU of intermediate_size)."""
-        return lambda i: (self.n_routed_experts > 0 and i >= self.first_k_dense_replace
-                          and i % self.moe_layer_freq == 0)
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i uses DeepSeekMoE (else a dense SwiGLU of intermediate_size)."""
+        return self.n_routed_experts > 0 and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
     @property
     def yarn(self) -> dict | None:
@@ -259,6 +257,17 @@ class ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict(PRESETS[name])
+
+    @classmethod
+    def load(cls, preset_or_path: str | os.PathLike) -> "ModelConfig":
+        """A preset name, a checkpoint directory or a config.json path."""
+        name = os.fspath(preset_or_path)
+        if os.path.isdir(name) or name.endswith(".json"):
+            return cls.from_json(name)
+        if name in PRESETS:
+            return cls.from_preset(name)
+        raise ConfigError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory with a "
+                          "config.json")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

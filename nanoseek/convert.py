@@ -18,7 +18,6 @@ whole or not at all (written aside, then renamed), with the source's tokenizer f
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -81,26 +80,3 @@ def convert(model_dir: str, out_dir: str, fp8: bool = False, dtype: str | None =
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in files if f.endswith(".safetensors"))
     return {"out": out_dir, "fp8": fp8, "dtype": dtype_name, "tensors": n_tensors, "fp8_tensors": n_fp8,
             "weight_bytes": size, "files": files}
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def cmd_convert(args: argparse.Namespace) -> None:
-    summary = convert(args.model, args.out, fp8=args.fp8, dtype=args.dtype)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        kind = f"FP8 ({summary['fp8_tensors']} float8 weights with 128x128 scales)" if args.fp8 else summary["dtype"]
-        print(f"wrote {summary['out']}: {kind}, {summary['tensors']} tensors, "
-              f"{summary['weight_bytes'] / 2**20:.1f} MiB of weights")
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="rewrite a checkpoint (dtype, or DeepSeek's FP8 release layout)")
-    p.add_argument("--model", required=True, help="source checkpoint directory")
-    p.add_argument("--out", required=True, help="new checkpoint directory (replaced whole if it exists)")
-    p.add_argument("--fp8", action="store_true",
-                   help="float8_e4m3fn weights with 128x128 weight_scale_inv, as DeepSeek-V3/R1 were released")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                   help="dtype of the tensors not stored in FP8 (default: the source's torch_dtype)")
-    p.add_argument("--json", action="store_true", help="print one JSON summary object")
-    p.set_defaults(func=cmd_convert)

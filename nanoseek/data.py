@@ -14,7 +14,6 @@ token stream (shards are read through np.memmap, so nothing is loaded into RAM).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sysconfig
@@ -346,40 +345,3 @@ class TokenDataset:
                                 f"this dataset has {key}={getattr(self, key)!r}")
         self.rng.bit_generator.state = state["rng"]
         self.batches_drawn = int(state.get("batches_drawn", 0))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# command line
-
-
-def _cmd_prepare(args: argparse.Namespace) -> None:
-    files = args.input or default_corpus_files()
-    try:
-        m = prepare_data(files, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                         shard_tokens=args.shard_tokens, seed=args.seed, show_progress=not args.json)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    summary = {"out": args.out, "train_tokens": m["train_tokens"], "val_tokens": m["val_tokens"],
-               "dtype": m["dtype"], "vocab_size": m["vocab_size"],
-               "documents": m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"]}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"wrote {m['train_tokens']:,} train + {m['val_tokens']:,} val tokens ({m['dtype']}) -> {args.out}")
-
-
-def add_cli(subparsers) -> None:
-    """Register `nanoseek data prepare ...` on an argparse subparsers object."""
-    p = subparsers.add_parser("data", help="prepare token shards for training")
-    sub = p.add_subparsers(dest="data_command", required=True)
-    d = sub.add_parser("prepare", help="tokenize text / .jsonl files into train/val token shards")
-    d.add_argument("--input", nargs="+", metavar="FILE",
-                   help="text files (one document each) or .jsonl files with a 'text' field; "
-                        "default: the built-in corpus (the Python standard library's sources)")
-    d.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (tokenizer.json)")
-    d.add_argument("--out", required=True, metavar="DIR", help="output data directory")
-    d.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
-    d.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard file")
-    d.add_argument("--seed", type=int, default=0, help="seed for choosing the validation documents")
-    d.add_argument("--json", action="store_true", help="print one JSON summary object")
-    d.set_defaults(func=_cmd_prepare)

@@ -51,9 +51,3 @@ def plot_run(run_dir: str) -> list[str]:
         ax.set_xlabel("step"), ax.set_ylabel("max / mean expert load"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
         out.append(save(fig, "expert_load.png"))
     return out
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("plot", help="PNG plots of a run's metrics.jsonl")
-    p.add_argument("run_dir")
-    p.set_defaults(func=lambda args: print("\n".join(plot_run(args.run_dir))))

@@ -83,13 +83,19 @@ class Transformer(nn.Module):
                 break
             cos, sin = self.rope(positions[..., : t - k])
             h = module(h[:, :-1], self.embed_tokens(input_ids[:, k:]), cos, sin)
-            out.append(self.lm_head(module.shared_head.norm(h)))
+            out.append(self.mtp_head(module, h))
         return out
+
+    def mtp_head(self, module: MTPModule, h: torch.Tensor) -> torch.Tensor:
+        """Logits of an MTP module's output h^k: its own norm, then the shared output head."""
+        return self.lm_head(module.shared_head.norm(h))
 
     def forward(self, input_ids, positions=None, mask=None, kv_caches=None, absorb=False, return_mtp=False):
         """logits [b, t, vocab]; with return_mtp=True, (logits, mtp_logits) where mtp_logits is as in
-        `mtp_logits` (an empty list for a model without MTP modules)."""
-        self.check_input_ids(input_ids)
+        `mtp_logits` (an empty list for a model without MTP modules). Token ids are checked except in training
+        on an accelerator, where reading them back would stall every step (training data is checked when prepared)."""
+        if not self.training or input_ids.device.type == "cpu":
+            self.check_input_ids(input_ids)
         h = self.hidden_states(input_ids, positions, mask, kv_caches, absorb)
         logits = self.lm_head(h)
         if not return_mtp:
@@ -97,9 +103,11 @@ class Transformer(nn.Module):
         return logits, self.mtp_logits(input_ids, h, positions)
 
     # ------------------------------------------------------------------ helpers
-    def moe_layers(self) -> list[MoE]:
-        """Every MoE layer, MTP blocks included, in order: what balancing and load statistics iterate over."""
-        return [m for m in self.modules() if isinstance(m, MoE)]
+    def moe_layers(self, include_mtp: bool = True) -> list[MoE]:
+        """Every MoE layer in order, the MTP blocks' last unless left out (they run only when MTP is trained):
+        what balancing and load statistics iterate over."""
+        parts = [self.layers, self.mtp] if include_mtp else [self.layers]
+        return [m for part in parts for m in part.modules() if isinstance(m, MoE)]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
