@@ -30,9 +30,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import nanoseek.fp8 as fp8  # noqa: E402
-from nanoseek.fp8 import FP8Recipe, convert_to_fp8  # noqa: E402
 from nanoseek import Transformer  # noqa: E402
 from nanoseek.data import default_corpus_files, prepare_data  # noqa: E402
+from nanoseek.fp8 import FP8Recipe  # noqa: E402
+from nanoseek.fp8.modules import convert_to_fp8  # noqa: E402
 from nanoseek.tokenizer import train_tokenizer  # noqa: E402
 from nanoseek.train import pretrain  # noqa: E402
 from nanoseek.train.loop import read_metrics  # noqa: E402

@@ -5,20 +5,21 @@ only the answer in the conversation history."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, TextIO
+from typing import TextIO
 
 import torch
+
+from nanoseek.engine import Engine
+from nanoseek.model import Transformer
+from nanoseek.tokenizer import load_tokenizer
 
 DIM, RESET = "\033[2m", "\033[0m"
 
 
 def load(model_dir: str, max_seq_len: int, dtype: str = "float32"):
     """(engine, tokenizer) for a checkpoint directory that holds a tokenizer."""
-    from nanoseek.engine import Engine
-    from nanoseek.model.transformer import Transformer
-    from nanoseek.tokenizer import load_tokenizer
-
     if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         raise ValueError(f"{model_dir} has no tokenizer.json: generate needs the checkpoint's tokenizer "
                          "(training runs copy it into every checkpoint)")

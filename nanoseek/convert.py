@@ -5,7 +5,7 @@
 Without --fp8 the rewrite is exact: every tensor is cast to --dtype (default: the source's torch_dtype), and the
 router's gate and bias stay fp32 as nanoseek keeps them, so fp32 -> fp32 reproduces every bit.
 
-With --fp8 the result is what DeepSeek published for V3/R1 (V3 section 3.3; REFERENCE section 5): every 2D
+With --fp8 the result is what DeepSeek published for V3/R1 (DeepSeek-V3 section 3.3; docs/fp8.md): every 2D
 projection weight becomes float8_e4m3fn with `<name>.weight_scale_inv`, fp32 [ceil(out/128), ceil(in/128)], one
 scale per 128 x 128 block (dequantised = fp8 * scale), and config.json gains quantization_config. Embeddings,
 norms, the MoE gate, lm_head and the MTP layer's copies of embedding and head (and its eh_proj) stay in --dtype.
@@ -23,9 +23,11 @@ import os
 
 import torch
 
-from nanoseek.checkpoint import DTYPES, load_pretrained, to_hf_state_dict, write_tensors
+from nanoseek.checkpoint import DTYPES, to_hf_state_dict, write_tensors
 from nanoseek.fp8 import BLOCK, QUANTIZATION_CONFIG, is_fp8_checkpoint_weight, quantize_checkpoint_weight
 from nanoseek.io_utils import atomic_directory
+from nanoseek.model import Transformer
+from nanoseek.tokenizer import copy_tokenizer
 
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
                "fp16": "float16", "float16": "float16"}
@@ -58,7 +60,7 @@ def convert(model_dir: str, out_dir: str, fp8: bool = False, dtype: str | None =
         raise ValueError("--out must differ from --model: the source is read while the output is written")
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
-    model = load_pretrained(model_dir, dtype=torch.float32)  # fp32 holds every source dtype exactly
+    model = Transformer.from_pretrained(model_dir, dtype=torch.float32)  # fp32 holds every source dtype exactly
     with open(os.path.join(model_dir, "config.json")) as f:
         src_cfg = json.load(f)
     dtype_name = DTYPE_NAMES[dtype] if dtype else src_cfg.get("torch_dtype") or src_cfg.get("dtype") or "bfloat16"
@@ -74,7 +76,6 @@ def convert(model_dir: str, out_dir: str, fp8: bool = False, dtype: str | None =
         write_tensors(counted(), tmp, max_shard_bytes)  # a weight and its scale may land in different shards
         cfg.to_json(os.path.join(tmp, "config.json"))
         if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
-            from nanoseek.tokenizer import copy_tokenizer
             copy_tokenizer(model_dir, tmp)
     files = sorted(os.listdir(out_dir))
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in files if f.endswith(".safetensors"))

@@ -8,7 +8,6 @@ a short report (nanochat-style) written to RUN_DIR/report.md.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time

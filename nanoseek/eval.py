@@ -20,16 +20,15 @@ and the generation prompt, optionally prefilled with "<think>") and batched samp
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
+from tqdm import tqdm
 
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.plot import pyplot, save_figure
 from nanoseek.tasks import SYSTEM_PROMPT, rewards
 
 
@@ -143,7 +142,6 @@ class EvalConfig:
 
 def evaluate(model, tokenizer, task, ec: EvalConfig | None = None, progress: bool = False) -> dict:
     """Sample ec.samples completions for each of ec.n problems of the split and score them (see module docstring)."""
-    from tqdm import tqdm
 
     ec = ec or EvalConfig()
 
@@ -173,12 +171,7 @@ def evaluate(model, tokenizer, task, ec: EvalConfig | None = None, progress: boo
 
 def plot_curve(summary: dict, path: str, title: str = "") -> str:
     """Accuracy vs number of samples k (test-time compute): pass@k and maj@k."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nanoseek.io_utils import atomic_write
-
+    plt = pyplot()
     ks = sorted(int(k) for k in summary["curve"])
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ks, [summary["curve"][str(k)]["pass@k"] for k in ks], "o-", label="pass@k")
@@ -187,6 +180,4 @@ def plot_curve(summary: dict, path: str, title: str = "") -> str:
     ax.set_ylim(0, 1), ax.grid(alpha=0.3), ax.legend()
     if title:
         ax.set_title(title)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
+from nanoseek.corpus import check_inputs, iter_documents
 from nanoseek.io_utils import atomic_write, atomic_write_text
 
 BOS = "<|begin_of_sentence|>"
@@ -236,8 +237,6 @@ def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, min_frequen
     vocab_size counts everything: 256 byte symbols, the special and reasoning tokens, and the learned merges.
     On a small corpus BPE may run out of merges first, so the result can be smaller; check .vocab_size.
     """
-    from nanoseek.data import check_inputs, iter_documents  # data imports this module; import late
-
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(
             f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE} "

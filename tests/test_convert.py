@@ -15,7 +15,7 @@ from nanoseek.cli import main
 from nanoseek.convert import convert
 from nanoseek.fp8 import QUANTIZATION_CONFIG, dequantize_checkpoint_weight
 
-# Tensors DeepSeek's FP8 release keeps unquantised (REFERENCE section 5), by name pattern.
+# Tensors DeepSeek's FP8 release keeps unquantised (its released config), by name pattern.
 KEPT = ("embed_tokens", "lm_head", "shared_head.head", "eh_proj", "norm", "mlp.gate.weight",
         "e_score_correction_bias")
 

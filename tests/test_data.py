@@ -11,8 +11,15 @@ import torch
 
 import nanoseek.data as data
 from nanoseek.cli import main
-from nanoseek.data import (DataError, TokenDataset, default_corpus_files, iter_documents, load_manifest,
-                           prepare_data, token_dtype)
+from nanoseek.data import (
+    DataError,
+    TokenDataset,
+    default_corpus_files,
+    iter_documents,
+    load_manifest,
+    prepare_data,
+    token_dtype,
+)
 from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu café 東京 🙂 def return".split()

@@ -6,15 +6,21 @@ import math
 from itertools import combinations
 
 import pytest
+from test_grpo import tiny_checkpoint
 
 from nanoseek import Transformer, tasks
 from nanoseek.cli import main
-from nanoseek.eval import (EvalConfig, ProblemResult, evaluate, majority_correct, pass_at_k, plot_curve,
-                           prompt_ids, summarize)
+from nanoseek.eval import (
+    EvalConfig,
+    ProblemResult,
+    evaluate,
+    majority_correct,
+    pass_at_k,
+    plot_curve,
+    prompt_ids,
+    summarize,
+)
 from nanoseek.tokenizer import load_tokenizer
-from test_grpo import tiny_checkpoint
-
-
 
 
 def test_pass_at_k_is_the_unbiased_estimator():

@@ -10,9 +10,9 @@ from torch import nn
 
 import nanoseek
 from nanoseek import fp8
+from nanoseek.fp8 import FP8Recipe, dequantize_act, dequantize_weight, fp8_matmul, quantize_act, quantize_weight
 from nanoseek.fp8 import modules as fp8_modules
-from nanoseek.fp8 import (FP8GroupedExperts, FP8Linear, FP8Recipe, convert_to_fp8, dequantize_act, dequantize_weight,
-                          fp8_grouped_mm, fp8_matmul, quantize_act, quantize_weight)
+from nanoseek.fp8.modules import FP8GroupedExperts, FP8Linear, convert_to_fp8, fp8_grouped_mm
 from nanoseek.model.moe import GroupedExperts, Router
 from nanoseek.model.norm import RMSNorm
 

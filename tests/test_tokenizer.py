@@ -7,9 +7,18 @@ import random
 import pytest
 
 from nanoseek.cli import main
-from nanoseek.tokenizer import (EOS, MIN_VOCAB_SIZE, REASONING_TOKENS, ROLE_TOKENS, SPECIAL_TOKENS,
-                                TokenizerError, copy_tokenizer, load_tokenizer, render_chat,
-                                train_tokenizer)
+from nanoseek.tokenizer import (
+    EOS,
+    MIN_VOCAB_SIZE,
+    REASONING_TOKENS,
+    ROLE_TOKENS,
+    SPECIAL_TOKENS,
+    TokenizerError,
+    copy_tokenizer,
+    load_tokenizer,
+    render_chat,
+    train_tokenizer,
+)
 
 WORDS = ("the quick brown fox jumps over lazy dog model token attention latent expert router "
          "def return import class self value list print while for if else none true false "

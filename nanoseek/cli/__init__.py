@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from nanoseek.train.loop import TrainingDiverged
+
 COMMANDS = ("info", "plan", "tokenizer", "data", "pretrain", "sft", "grpo", "distill", "eval", "generate", "chat",
             "serve", "convert", "plot", "demo")
 
@@ -32,8 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from nanoseek.train.loop import TrainingDiverged
-
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad input: one line, not a traceback

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from nanoseek.cli.common import add_output_flags, parser, report
 from nanoseek.cli.tokenizer import INPUT_HELP
-from nanoseek.data import default_corpus_files, prepare_data
+from nanoseek.corpus import default_corpus_files
+from nanoseek.data import prepare_data
 
 
 def run(args) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from nanoseek.chat import terminal_writer, load, stream_text
+from nanoseek.chat import load, stream_text, terminal_writer
 from nanoseek.cli.common import parser
 from nanoseek.engine import SamplingParams
 

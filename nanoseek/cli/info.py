@@ -69,5 +69,6 @@ def register(sub) -> None:
     s.add_argument("--world-size", type=int, default=0, help="also plan training memory per rank on N ranks")
     s.add_argument("--ep", type=int, default=1, help="expert-parallel degree for --world-size")
     s.add_argument("--tokens-per-rank", type=int, default=4096, help="micro-batch tokens per rank for --world-size")
-    s.add_argument("--train-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and gradients (default: bfloat16)")
+    s.add_argument("--train-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="weights and gradients (default: bfloat16)")
     s.set_defaults(func=run)

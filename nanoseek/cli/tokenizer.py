@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nanoseek.cli.common import add_output_flags, parser, report
-from nanoseek.data import default_corpus_files
+from nanoseek.corpus import default_corpus_files
 from nanoseek.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
 
 INPUT_HELP = ("text files (one document each) or .jsonl files with a 'text' field; default: the built-in corpus "

@@ -5,26 +5,30 @@
   recipe.py    FP8Recipe (granularity, block size, backend): how the modules quantise their operands.
   modules.py   FP8Linear, FP8GroupedExperts and convert_to_fp8, which swaps them into a plain model from outside.
 
-The modules are imported on first use, so that loading a checkpoint (which needs only the dequantiser) does not
-pull in the training stack. docs/fp8.md explains the recipe.
+This package exports the numerics and the recipe; the modules come from nanoseek.fp8.modules, so that loading a
+checkpoint (which needs only the dequantiser) does not pull in the model or the training stack. docs/fp8.md
+explains the recipe.
 """
 
-from nanoseek.fp8.numerics import (BLOCK, FP8_DTYPE, FP8_MAX, QUANTIZATION_CONFIG, dequantize_act,
-                                   dequantize_checkpoint_weight, dequantize_weight, fp8_matmul,
-                                   is_fp8_checkpoint_weight, quantize_act, quantize_checkpoint_weight,
-                                   quantize_tensorwise, quantize_weight, scaled_mm_supported)
+from nanoseek.fp8.numerics import (
+                                   BLOCK,
+                                   FP8_DTYPE,
+                                   FP8_MAX,
+                                   QUANTIZATION_CONFIG,
+                                   dequantize_act,
+                                   dequantize_checkpoint_weight,
+                                   dequantize_weight,
+                                   fp8_matmul,
+                                   is_fp8_checkpoint_weight,
+                                   quantize_act,
+                                   quantize_checkpoint_weight,
+                                   quantize_tensorwise,
+                                   quantize_weight,
+                                   scaled_mm_supported,
+)
 from nanoseek.fp8.recipe import FP8Recipe
-
-_MODULES = ("FP8Linear", "FP8GroupedExperts", "convert_to_fp8", "fp8_grouped_mm")
 
 __all__ = ["BLOCK", "FP8_DTYPE", "FP8_MAX", "QUANTIZATION_CONFIG", "FP8Recipe", "dequantize_act",
            "dequantize_checkpoint_weight", "dequantize_weight", "fp8_matmul", "is_fp8_checkpoint_weight",
            "quantize_act", "quantize_checkpoint_weight", "quantize_tensorwise", "quantize_weight",
-           "scaled_mm_supported", *_MODULES]
-
-
-def __getattr__(name: str):
-    if name in _MODULES:
-        from nanoseek.fp8 import modules
-        return getattr(modules, name)
-    raise AttributeError(f"module 'nanoseek.fp8' has no attribute {name!r}")
+           "scaled_mm_supported"]

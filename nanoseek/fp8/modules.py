@@ -69,7 +69,7 @@ class FP8Linear(nn.Linear):
         self.recipe = recipe or FP8Recipe()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, recipe: FP8Recipe | None = None) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, recipe: FP8Recipe | None = None) -> FP8Linear:
         """Wrap an existing nn.Linear, sharing its weight and bias Parameters (no copy)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)

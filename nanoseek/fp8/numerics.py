@@ -114,8 +114,8 @@ def quantize_tensorwise(x: torch.Tensor, dims=None):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-# What DeepSeek's FP8 release leaves in BF16 (DeepSeek-V3 section 3.3 and its released config): embeddings, norms, the MoE gate, lm_head;
-# the MTP module's eh_proj is stored unquantised there as well.
+# What DeepSeek's FP8 release leaves in BF16 (DeepSeek-V3 section 3.3 and its released config): embeddings,
+# norms, the MoE gate, lm_head; the MTP module's eh_proj is stored unquantised there as well.
 _CHECKPOINT_KEEP = ("embed_tokens", "lm_head", "norm", ".mlp.gate.", "eh_proj", "shared_head")
 
 

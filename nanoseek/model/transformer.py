@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanoseek.checkpoint import DTYPES, read_config, read_state, save_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
-from nanoseek.model.moe import MoE, GroupedExperts, Router
+from nanoseek.model.moe import GroupedExperts, MoE, Router
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
@@ -113,12 +114,22 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "Transformer":
-        """Load a transformers-layout checkpoint directory (DeepseekV3/V2, bf16/fp32 or DeepSeek's FP8)."""
-        from nanoseek.checkpoint import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device)
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> Transformer:
+        """Load a transformers-layout checkpoint directory (DeepseekV3/V2, bf16/fp32 or DeepSeek's FP8). `dtype`
+        None keeps the config's torch_dtype (FP8 checkpoints are dequantised to bf16 then); the router gate and
+        its bias always load in fp32. Returned in eval mode."""
+        cfg = read_config(path)
+        dtype = dtype or DTYPES[cfg.torch_dtype]
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = read_state(path, cfg, model.state_dict(), dtype, device)
+        model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.config = cfg.replace(quantization_config=None,
+                                   torch_dtype={v: k for k, v in DTYPES.items()}.get(dtype, "float32"))
+        return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write config.json + model.safetensors (or shards with an index) that transformers loads."""
-        from nanoseek.checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)

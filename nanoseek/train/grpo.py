@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 
@@ -36,12 +35,12 @@ import torch.nn.functional as F
 from nanoseek import tasks
 from nanoseek.engine import SamplingParams
 from nanoseek.eval import completion_text, generate_batched, prompt_ids
-from nanoseek.io_utils import atomic_write
 from nanoseek.model import Transformer
+from nanoseek.plot import plot_grpo
 from nanoseek.tasks import rewards
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.grpo_loss import AGGREGATIONS, RATIOS, drop_equal_reward_groups, group_advantages, policy_loss
-from nanoseek.train.loop import NonFiniteGuard, Run, lr_at, make_optimizer, read_metrics
+from nanoseek.train.loop import NonFiniteGuard, Run, lr_at, make_optimizer
 
 MAX_REFILL = 63  # refill rounds are folded into the prompt seed (64 per step)
 
@@ -297,37 +296,3 @@ def train(tc: GRPOConfig, progress: bool = True, task=None, plot: bool = False) 
     last = run.last
     return run.summary(plot, reward=last.get("reward"), accuracy=last.get("accuracy"),
                        response_length=last.get("response_length"))
-
-
-# ---------------------------------------------------------------------------------------------- plots
-PLOTS = {
-    "reward.png": (("reward", "accuracy", "format_rate"), "reward / rate"),
-    "response_length.png": (("response_length",), "mean completion tokens"),
-    "kl_entropy.png": (("kl", "entropy", "clip_frac"), "value"),
-}
-
-
-def plot_grpo(run_dir: str) -> list[str]:
-    """reward.png (reward, accuracy, format rate), response_length.png, kl_entropy.png (KL, entropy, clip)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    if not rows:
-        raise ValueError(f"{run_dir} has no metrics.jsonl to plot")
-    out = []
-    for name, (keys, ylabel) in PLOTS.items():
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), lw=1, label=key)
-        ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-        path = os.path.join(run_dir, name)
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-        plt.close(fig)
-        out.append(path)
-    return out

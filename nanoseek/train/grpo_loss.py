@@ -11,7 +11,7 @@ and the policy maximises the clipped surrogate minus a KL penalty to a frozen re
     rho_it = pi(o_it | q, o_i,<t) / pi_old(o_it | q, o_i,<t)
     KL_it  = pi_ref/pi - log(pi_ref/pi) - 1                         (the k3 estimator: unbiased, >= 0)
 
-Later work changes a few pieces, all selectable here (REFERENCE section 6):
+Later work changes a few pieces, all selectable here (docs/grpo.md):
 
 - Dr. GRPO: no division by std ("scale='none'"), and no per-sequence 1/|o_i| ("aggregation='dr_grpo'": the
   token sum is divided by a constant B * max_len), which removes the bias towards long wrong answers.

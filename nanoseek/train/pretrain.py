@@ -3,8 +3,8 @@
 Per step (one global batch of --batch-size sequences, split into micro-batches for gradient accumulation):
     loss = CE(main) + lambda * mean_k CE(MTP depth k) + alpha * sequence-wise balance loss
 then gradient clipping, AdamW on fp32 master weights, and the auxiliary-loss-free bias update from the whole
-batch's expert counts. Defaults are the papers' (DeepSeek-V3 sections 2.1.2, 2.2 and 4.2): lambda 0.3, alpha 1e-4, gamma 1e-3,
-AdamW betas (0.9, 0.95), weight decay 0.1, clipping at 1.0.
+batch's expert counts. Defaults are the papers' (DeepSeek-V3 sections 2.1.2, 2.2 and 4.2): lambda 0.3, alpha 1e-4,
+gamma 1e-3, AdamW betas (0.9, 0.95), weight decay 0.1, clipping at 1.0.
 
 Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel (FSDP2) and, with --ep E, expert parallel; see
 nanoseek/distributed.py. Every rank draws the same global batch and trains on its own slice, so an N-process run
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from nanoseek import distributed
 from nanoseek.config import ModelConfig
 from nanoseek.data import TokenDataset, load_manifest
-from nanoseek.fp8 import FP8Recipe, convert_to_fp8
+from nanoseek.fp8 import FP8Recipe
+from nanoseek.fp8.modules import convert_to_fp8
 from nanoseek.model.transformer import Transformer
 from nanoseek.plot import plot_run
 from nanoseek.train import balance
