@@ -82,7 +82,7 @@ def compute_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: Train
     # MTP depth k at position i predicts token i+k+1, which is y[:, i+k]
     mtp_loss = (sum(F.cross_entropy(m.flatten(0, 1).float(), y[:, k:].flatten()) for k, m in enumerate(mtp, 1))
                 / len(mtp)) if mtp else torch.zeros((), device=x.device)
-    moe = model.moe_layers()
+    moe = model.moe_layers(include_mtp=use_mtp)  # an MTP block that did not run has no routing to balance
     bal = balance.balance_loss(moe, x.shape[0], tc.balance_alpha) if moe and tc.balance_alpha > 0 else torch.zeros(())
     parts = {"loss": main.detach(), "mtp_loss": mtp_loss.detach(), "balance_loss": bal.detach()}
     return main + tc.mtp_lambda * mtp_loss + bal, parts
