@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m nanoseek demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check nanoseek tests benchmarks
 
 clean:
 	rm -rf $(VENV) *.egg-info

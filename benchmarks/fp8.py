@@ -24,7 +24,6 @@ import platform
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -33,6 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import nanoseek.fp8 as fp8  # noqa: E402
 from nanoseek import Transformer  # noqa: E402
 from nanoseek.data import default_corpus_files, prepare_data  # noqa: E402
+from nanoseek.fp8 import FP8Recipe  # noqa: E402
+from nanoseek.fp8.modules import convert_to_fp8  # noqa: E402
 from nanoseek.tokenizer import train_tokenizer  # noqa: E402
 from nanoseek.train import pretrain  # noqa: E402
 from nanoseek.train.loop import read_metrics  # noqa: E402
@@ -50,17 +51,6 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-@contextmanager
-def granularity(mode: str | None):
-    """pretrain --fp8 calls nanoseek.fp8.convert_to_fp8(model); point it at the requested scaling granularity."""
-    real = fp8.convert_to_fp8
-    fp8.convert_to_fp8 = lambda model, **kw: real(model, backend="emulate", granularity=mode or "block", **kw)
-    try:
-        yield
-    finally:
-        fp8.convert_to_fp8 = real
-
-
 def prepare(root: str, corpus_bytes: int) -> str:
     files = default_corpus_files(max_bytes=corpus_bytes)
     train_tokenizer(files, 1024, os.path.join(root, "tok"))
@@ -75,7 +65,7 @@ def memory(data: str, args, mode: str | None) -> dict:
     torch.manual_seed(0)
     model = Transformer(tc.model_config(vocab)).train()
     if mode:
-        fp8.convert_to_fp8(model, backend="emulate", granularity=mode)
+        convert_to_fp8(model, FP8Recipe(mode, backend="emulate"))
     params = {p.data_ptr() for p in model.parameters()}
     fp8_params = set()
     for name in getattr(model, "fp8_modules", []):
@@ -128,10 +118,9 @@ def main() -> None:
             tc = pretrain.TrainConfig(preset=args.preset, data=data, out=os.path.join(root, name.replace(" ", "_")),
                                       steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                       lr=args.lr, seed=args.seed, eval_every=args.steps, eval_batches=8,
-                                      fp8=mode is not None)
+                                      fp8=mode)
             t0 = time.perf_counter()
-            with granularity(mode):
-                pretrain.train(tc, progress=not args.json)
+            pretrain.train(tc, progress=not args.json)
             rows = read_metrics(tc.out)
             tail = rows[-max(1, args.steps // 5):]
             results["runs"][name] = {

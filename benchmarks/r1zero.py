@@ -202,14 +202,16 @@ def main() -> None:
         "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
         "mean_length_before": before["mean_length"], "mean_length_after": after["mean_length"],
         f"maj@{K}_before": before["maj@k"], f"maj@{K}_after": after["maj@k"],
-        "pass@1_base_easy": easy["pass@1"], "pass@1_cold_start": cold["pass@1"], "pass@1_r1": r1["pass@1"], "mean_length_r1": r1["mean_length"],
+        "pass@1_base_easy": easy["pass@1"], "pass@1_cold_start": cold["pass@1"], "pass@1_r1": r1["pass@1"],
+        "mean_length_r1": r1["mean_length"],
         "rl_length_first5": sum(r["response_length"] for r in zero_rows[:5]) / 5,
         "rl_length_last5": sum(r["response_length"] for r in zero_rows[-5:]) / 5,
         "seconds": {k: round(v, 1) for k, v in {**times, "total": total}.items()},
         "plots": [os.path.join(args.out, "rl_curves.png")],
     }
     lines = [
-        f"R1-Zero in miniature: tiny preset, held-out {args.hard_operands}-number sums (n={args.n}, K={K} samples, T=0.6, top-p 0.95)",
+        f"R1-Zero in miniature: tiny preset, held-out {args.hard_operands}-number sums "
+        f"(n={args.n}, K={K} samples, T=0.6, top-p 0.95)",
         f"{'model':<34}{'pass@1':>8}{'maj@' + str(K):>8}{'pass@' + str(K):>8}{'format':>8}{'length':>8}",
     ]
     for name, s in table:

@@ -109,7 +109,7 @@ def main() -> None:
         return
     print(f"machine: {res['machine']}; {args.preset}, batch {args.batch} x {args.seq} tokens; "
           f"max |logit diff| {same:.1e}")
-    print(f"| measurement | nanoseek | reference | ratio |\n|---|---:|---:|---:|")
+    print("| measurement | nanoseek | reference | ratio |\n|---|---:|---:|---:|")
     print(f"| training step (fwd+bwd+AdamW), s | {t_ours:.3f} | transformers {t_theirs:.3f} | {t_theirs / t_ours:.2f}x faster |")
     print(f"| MoE layer fwd+bwd ({tokens} tokens), s | {t_moe:.4f} | dense SwiGLU, equal active FLOPs {t_dense:.4f} | "
           f"{t_moe / t_dense:.2f}x the dense time |")

@@ -4,23 +4,22 @@ only the answer in the conversation history."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, TextIO
+from typing import TextIO
 
 import torch
+
+from nanoseek.engine import Engine
+from nanoseek.model import Transformer
+from nanoseek.tokenizer import load_tokenizer
 
 DIM, RESET = "\033[2m", "\033[0m"
 
 
 def load(model_dir: str, max_seq_len: int, dtype: str = "float32"):
     """(engine, tokenizer) for a checkpoint directory that holds a tokenizer."""
-    from nanoseek.engine import Engine
-    from nanoseek.model.transformer import Transformer
-    from nanoseek.tokenizer import load_tokenizer
-
     if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         raise ValueError(f"{model_dir} has no tokenizer.json: generate needs the checkpoint's tokenizer "
                          "(training runs copy it into every checkpoint)")
@@ -85,35 +84,18 @@ def stream_text(engine, tok, prompt_ids: list[int], params, write: Callable[[str
     return Reply(thinking, answer, n)
 
 
-def _writer(out: TextIO, color: bool) -> Callable[[str, bool], None]:
+def terminal_writer(out: TextIO, color: bool) -> Callable[[str, bool], None]:
     def write(piece: str, thinking: bool) -> None:
         out.write(f"{DIM}{piece}{RESET}" if thinking and color else piece)
         out.flush()
     return write
 
 
-def _params(args, eos: int):
-    from nanoseek.engine import SamplingParams
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, stop_token_ids=(eos,), seed=args.seed)
-
-
-def cmd_generate(args) -> None:
-    engine, tok = load(args.model, args.max_seq_len, args.dtype)
-    if args.chat:
-        ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-    else:
-        ids = tok.encode(args.prompt, add_bos=True)
-    stream_text(engine, tok, ids, _params(args, tok.eos_id), _writer(sys.stdout, sys.stdout.isatty()),
-                echo="" if args.chat else args.prompt)
-    sys.stdout.write("\n")
-
-
 def chat_loop(engine, tok, params, lines: Iterable[str], out: TextIO, system: str | None = None,
               color: bool = False) -> list[dict]:
     """The interactive loop over input lines ('/reset' clears history, '/exit' quits); returns the history."""
     history: list[dict] = [{"role": "system", "content": system}] if system else []
-    write = _writer(out, color)
+    write = terminal_writer(out, color)
     out.write("nanoseek chat: type a message; /reset clears the history, /exit quits.\n> ")
     out.flush()
     for line in lines:
@@ -140,31 +122,3 @@ def chat_loop(engine, tok, params, lines: Iterable[str], out: TextIO, system: st
         out.write("\n> ")
         out.flush()
     return history
-
-
-def cmd_chat(args) -> None:
-    engine, tok = load(args.model, args.max_seq_len, args.dtype)
-    chat_loop(engine, tok, _params(args, tok.eos_id), sys.stdin, sys.stdout, args.system, sys.stdout.isatty())
-
-
-def _common(p: argparse.ArgumentParser, temperature: float) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=temperature)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="stream a continuation of --prompt")
-    _common(p, temperature=0.6)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
-    p.set_defaults(func=cmd_generate)
-    p = subparsers.add_parser("chat", help="interactive chat; reasoning shown apart from the answer")
-    _common(p, temperature=0.6)
-    p.add_argument("--system", default=None, help="system prompt")
-    p.set_defaults(func=cmd_chat)

@@ -1,5 +1,5 @@
-"""Checkpoints in the transformers hub layout (REFERENCE section 7): config.json + model.safetensors, or shards
-with model.safetensors.index.json. What nanoseek writes, transformers' DeepseekV3ForCausalLM loads; what DeepSeek
+"""Checkpoints in the transformers hub layout: config.json + model.safetensors, or shards with
+model.safetensors.index.json. What nanoseek writes, transformers' DeepseekV3ForCausalLM loads; what DeepSeek
 published (V3/R1 in FP8 with 128x128 `weight_scale_inv`, V2 / V2-Lite in bf16) nanoseek loads. No pickle.
 
 In memory, nanoseek stacks routed experts into [E, out, in] tensors; on disk they are one tensor per expert
@@ -15,16 +15,15 @@ import re
 import shutil
 import tempfile
 import warnings
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
-from nanoseek.fp8 import dequantize_checkpoint_weight
+from nanoseek.fp8.numerics import dequantize_checkpoint_weight
 from nanoseek.io_utils import atomic_directory, atomic_write_text, fsync_dir
-from nanoseek.model.transformer import Transformer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -60,7 +59,7 @@ def hf_keys(name: str, cfg: ModelConfig) -> list[str]:
     return [_hf_prefix(name, cfg.num_hidden_layers)]
 
 
-def to_hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+def to_hf_state_dict(model) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (transformers name, tensor) for every tensor of a checkpoint of `model`, experts split."""
     cfg = model.config
     for name, t in model.state_dict().items():
@@ -83,7 +82,7 @@ def _is_shared_copy(key: str, cfg: ModelConfig) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ saving
-def save_pretrained(model: Transformer, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_pretrained(model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write `model` as config.json + safetensors. A new directory appears whole (built aside, then renamed);
     in an existing directory (which may hold a tokenizer) each file is replaced atomically, weights before
     config, and weight files of an earlier save that are no longer used are removed."""
@@ -110,7 +109,7 @@ def save_pretrained(model: Transformer, path: str, max_shard_bytes: int = 5 * 2*
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_weights(model: Transformer, folder: str, max_shard_bytes: int) -> list[str]:
+def _write_weights(model, folder: str, max_shard_bytes: int) -> list[str]:
     return write_tensors(to_hf_state_dict(model), folder, max_shard_bytes)
 
 
@@ -172,51 +171,50 @@ class _TensorSource:
         return self._open[file].get_tensor(key)
 
 
-def load_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -> Transformer:
-    """Build a Transformer from a checkpoint directory. `dtype` None keeps the config's torch_dtype (FP8
-    checkpoints are dequantised to bf16 then). The router gate and its bias always load in fp32."""
+def read_config(path: str) -> ModelConfig:
+    """The config.json of a checkpoint directory, without MTP modules when it announces some but holds none."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a checkpoint directory")
     cfg = ModelConfig.from_json(os.path.join(path, "config.json"))
+    first_mtp = f"model.layers.{cfg.num_hidden_layers}."
+    if cfg.num_nextn_predict_layers > 0 and not any(k.startswith(first_mtp) for k in _TensorSource(path).keys()):
+        warnings.warn(f"config.json announces {cfg.num_nextn_predict_layers} MTP module(s) but {path} holds no "
+                      f"{first_mtp}* weights: loading without multi-token prediction", stacklevel=3)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    return cfg
+
+
+def read_state(path: str, cfg: ModelConfig, expected: dict[str, torch.Tensor], dtype: torch.dtype,
+               device="cpu") -> dict[str, torch.Tensor]:
+    """nanoseek's state dict from a checkpoint directory, for a model whose state_dict() is `expected` (meta
+    tensors do: only names and shapes are read). FP8 weights are dequantised with their weight_scale_inv; the
+    router gate and its bias stay fp32, everything else becomes `dtype`. Every tensor must be there with its
+    shape, and nothing the config does not describe may be left over."""
     src = _TensorSource(path)
     keys = set(src.keys())
-    block = None
     qc = cfg.quantization_config
-    if qc and qc.get("quant_method") == "fp8":
-        block = tuple(qc.get("weight_block_size", (128, 128)))
-    if dtype is None:
-        dtype = DTYPES[cfg.torch_dtype]
-
-    first_mtp = f"model.layers.{cfg.num_hidden_layers}."
-    if cfg.num_nextn_predict_layers > 0 and not any(k.startswith(first_mtp) for k in keys):
-        warnings.warn(f"config.json announces {cfg.num_nextn_predict_layers} MTP module(s) but {path} holds no "
-                      f"{first_mtp}* weights: loading without multi-token prediction")
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    block = tuple(qc.get("weight_block_size", (128, 128))) if qc and qc.get("quant_method") == "fp8" else (128, 128)
     used: set[str] = set()
     state = {}
-    for name, expected in model.state_dict().items():
+    for name, want_full in expected.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         parts = []
         for key in hf_keys(name, cfg):
             if key not in keys:
-                raise CheckpointError(f"tensor {key} (shape {list(_expected_part(expected, name))}) is missing "
+                raise CheckpointError(f"tensor {key} (shape {list(_expected_part(want_full, name))}) is missing "
                                       f"from {path}")
             t = src.get(key)
             if key + "_scale_inv" in keys:  # FP8 weight with its per-block scale
                 used.add(key + "_scale_inv")
                 try:
-                    t = dequantize_checkpoint_weight(t, src.get(key + "_scale_inv"), block or (128, 128),
-                                                     torch.float32)
+                    t = dequantize_checkpoint_weight(t, src.get(key + "_scale_inv"), block, torch.float32)
                 except ValueError as e:
                     raise CheckpointError(f"tensor {key}: {e}") from None
             elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 raise CheckpointError(f"tensor {key} is float8 but {key}_scale_inv is missing")
-            want = _expected_part(expected, name)
+            want = _expected_part(want_full, name)
             if tuple(t.shape) != tuple(want):
                 raise CheckpointError(f"tensor {key} has shape {list(t.shape)} in the checkpoint but the config "
                                       f"needs {list(want)}: check config.json against the weights")
@@ -231,12 +229,7 @@ def load_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise CheckpointError(f"unexpected tensor(s) in {path}: {', '.join(unexpected[:5])}{more}; "
                               "the config does not describe them")
-    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.config = cfg.replace(quantization_config=None,
-                               torch_dtype={v: k for k, v in DTYPES.items()}.get(dtype, "float32"))
-    return model.eval()
+    return state
 
 
 def _expected_part(expected: torch.Tensor, name: str):

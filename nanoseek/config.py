@@ -78,11 +78,9 @@ class ModelConfig:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
-    @property
-    def is_moe_layer(self):
-        """is_moe_layer(i): layer i uses DeepSeekMoE (else a dense SwiGLU of intermediate_size)."""
-        return lambda i: (self.n_routed_experts > 0 and i >= self.first_k_dense_replace
-                          and i % self.moe_layer_freq == 0)
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i uses DeepSeekMoE (else a dense SwiGLU of intermediate_size)."""
+        return self.n_routed_experts > 0 and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
     @property
     def yarn(self) -> dict | None:
@@ -93,7 +91,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """(d_nope + d_rope)^-0.5, times mscale^2 under YaRN (V2 paper, section 2.1.3; REFERENCE section 2)."""
+        """(d_nope + d_rope)^-0.5, times mscale^2 under YaRN (DeepSeek-V2 section 2.1.3; docs/mla.md)."""
         scale = self.qk_head_dim ** -0.5
         y = self.yarn
         if y and y.get("mscale_all_dim"):
@@ -167,7 +165,7 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- (de)serialisation
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         model_type = d.get("model_type", "deepseek_v3")
         if model_type not in ("deepseek_v3", "deepseek_v2"):
@@ -221,7 +219,7 @@ class ModelConfig:
             raise ConfigError(f"malformed config: {e}") from None
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_json(cls, path: str | os.PathLike) -> ModelConfig:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
@@ -250,15 +248,26 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ---------------------------------------------------------------- presets
     @classmethod
-    def from_preset(cls, name: str) -> "ModelConfig":
+    def from_preset(cls, name: str) -> ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict(PRESETS[name])
+
+    @classmethod
+    def load(cls, preset_or_path: str | os.PathLike) -> ModelConfig:
+        """A preset name, a checkpoint directory or a config.json path."""
+        name = os.fspath(preset_or_path)
+        if os.path.isdir(name) or name.endswith(".json"):
+            return cls.from_json(name)
+        if name in PRESETS:
+            return cls.from_preset(name)
+        raise ConfigError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory with a "
+                          "config.json")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

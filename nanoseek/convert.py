@@ -5,7 +5,7 @@
 Without --fp8 the rewrite is exact: every tensor is cast to --dtype (default: the source's torch_dtype), and the
 router's gate and bias stay fp32 as nanoseek keeps them, so fp32 -> fp32 reproduces every bit.
 
-With --fp8 the result is what DeepSeek published for V3/R1 (V3 section 3.3; REFERENCE section 5): every 2D
+With --fp8 the result is what DeepSeek published for V3/R1 (DeepSeek-V3 section 3.3; docs/fp8.md): every 2D
 projection weight becomes float8_e4m3fn with `<name>.weight_scale_inv`, fp32 [ceil(out/128), ceil(in/128)], one
 scale per 128 x 128 block (dequantised = fp8 * scale), and config.json gains quantization_config. Embeddings,
 norms, the MoE gate, lm_head and the MTP layer's copies of embedding and head (and its eh_proj) stay in --dtype.
@@ -18,15 +18,16 @@ whole or not at all (written aside, then renamed), with the source's tokenizer f
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import torch
 
-from nanoseek.checkpoint import DTYPES, load_pretrained, to_hf_state_dict, write_tensors
+from nanoseek.checkpoint import DTYPES, to_hf_state_dict, write_tensors
 from nanoseek.fp8 import BLOCK, QUANTIZATION_CONFIG, is_fp8_checkpoint_weight, quantize_checkpoint_weight
 from nanoseek.io_utils import atomic_directory
+from nanoseek.model import Transformer
+from nanoseek.tokenizer import copy_tokenizer
 
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
                "fp16": "float16", "float16": "float16"}
@@ -59,7 +60,7 @@ def convert(model_dir: str, out_dir: str, fp8: bool = False, dtype: str | None =
         raise ValueError("--out must differ from --model: the source is read while the output is written")
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
-    model = load_pretrained(model_dir, dtype=torch.float32)  # fp32 holds every source dtype exactly
+    model = Transformer.from_pretrained(model_dir, dtype=torch.float32)  # fp32 holds every source dtype exactly
     with open(os.path.join(model_dir, "config.json")) as f:
         src_cfg = json.load(f)
     dtype_name = DTYPE_NAMES[dtype] if dtype else src_cfg.get("torch_dtype") or src_cfg.get("dtype") or "bfloat16"
@@ -75,32 +76,8 @@ def convert(model_dir: str, out_dir: str, fp8: bool = False, dtype: str | None =
         write_tensors(counted(), tmp, max_shard_bytes)  # a weight and its scale may land in different shards
         cfg.to_json(os.path.join(tmp, "config.json"))
         if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
-            from nanoseek.tokenizer import copy_tokenizer
             copy_tokenizer(model_dir, tmp)
     files = sorted(os.listdir(out_dir))
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in files if f.endswith(".safetensors"))
     return {"out": out_dir, "fp8": fp8, "dtype": dtype_name, "tensors": n_tensors, "fp8_tensors": n_fp8,
             "weight_bytes": size, "files": files}
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def cmd_convert(args: argparse.Namespace) -> None:
-    summary = convert(args.model, args.out, fp8=args.fp8, dtype=args.dtype)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        kind = f"FP8 ({summary['fp8_tensors']} float8 weights with 128x128 scales)" if args.fp8 else summary["dtype"]
-        print(f"wrote {summary['out']}: {kind}, {summary['tensors']} tensors, "
-              f"{summary['weight_bytes'] / 2**20:.1f} MiB of weights")
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="rewrite a checkpoint (dtype, or DeepSeek's FP8 release layout)")
-    p.add_argument("--model", required=True, help="source checkpoint directory")
-    p.add_argument("--out", required=True, help="new checkpoint directory (replaced whole if it exists)")
-    p.add_argument("--fp8", action="store_true",
-                   help="float8_e4m3fn weights with 128x128 weight_scale_inv, as DeepSeek-V3/R1 were released")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                   help="dtype of the tensors not stored in FP8 (default: the source's torch_dtype)")
-    p.add_argument("--json", action="store_true", help="print one JSON summary object")
-    p.set_defaults(func=cmd_convert)

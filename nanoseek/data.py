@@ -14,109 +14,21 @@ token stream (shards are read through np.memmap, so nothing is loaded into RAM).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanoseek.corpus import DataError, check_inputs, default_corpus_files, iter_documents  # noqa: F401 (re-exported)
 from nanoseek.io_utils import atomic_directory, atomic_write_text
 from nanoseek.tokenizer import copy_tokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "nanoseek-tokens/1"
-
-
-class DataError(ValueError):
-    """Bad data input or a data directory that cannot serve the request; the message says what to change."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# reading documents
-
-
-def check_inputs(paths: list[str]) -> None:
-    """Fail early, naming the file, when there are no inputs or one is missing."""
-    if not paths:
-        raise DataError("no input files given; pass --input FILE... (text files or .jsonl with a 'text' field)")
-    for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"input file not found: {p!r}")
-
-
-def _read_text(path: str) -> str:
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 at byte {e.start}; convert the file to UTF-8") from None
-
-
-def iter_documents(path: str) -> Iterator[str]:
-    """Yield the non-empty documents of one file: a .jsonl file gives one per line ("text" field),
-    any other file is one document."""
-    if not path.endswith(".jsonl"):
-        text = _read_text(path)
-        if text:
-            yield text
-        return
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8; convert the file to UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or "text" not in obj:
-                raise DataError(f"{path}:{lineno}: a JSONL line must be an object with a \"text\" field")
-            if not isinstance(obj["text"], str):
-                raise DataError(f"{path}:{lineno}: \"text\" must be a string, got {type(obj['text']).__name__}")
-            if obj["text"]:
-                yield obj["text"]
-
-
-def default_corpus_files(max_bytes: int = 8_000_000) -> list[str]:
-    """The built-in corpus: .py sources of the running Python's standard library, sorted by path, up to max_bytes.
-
-    Why this corpus: every Python install carries it, so `make demo` trains a tokenizer and a tiny model with
-    no download and no network; it is real, varied, mostly English-commented text that a small model can
-    visibly learn; and it is the same bytes on every machine with the same Python version, so runs repeat.
-    Test directories (often deliberately odd encodings and huge generated data), site-packages (what the user
-    installed, not the stdlib), `encodings` (codec tables) and files that are not UTF-8 are skipped.
-    """
-    root = sysconfig.get_paths()["stdlib"]
-    skip_dirs = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings"}
-    candidates = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
-        candidates += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
-    files, total = [], 0
-    for path in sorted(candidates, key=lambda p: os.path.relpath(p, root)):
-        size = os.path.getsize(path)
-        if size == 0 or total + size > max_bytes:
-            continue
-        try:
-            with open(path, "rb") as f:
-                f.read().decode("utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        files.append(path)
-        total += size
-    if not files:
-        raise DataError(f"found no Python standard library sources under {root!r} for the default corpus; "
-                        f"pass --input FILE... instead")
-    return files
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,40 +258,3 @@ class TokenDataset:
                                 f"this dataset has {key}={getattr(self, key)!r}")
         self.rng.bit_generator.state = state["rng"]
         self.batches_drawn = int(state.get("batches_drawn", 0))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# command line
-
-
-def _cmd_prepare(args: argparse.Namespace) -> None:
-    files = args.input or default_corpus_files()
-    try:
-        m = prepare_data(files, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                         shard_tokens=args.shard_tokens, seed=args.seed, show_progress=not args.json)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    summary = {"out": args.out, "train_tokens": m["train_tokens"], "val_tokens": m["val_tokens"],
-               "dtype": m["dtype"], "vocab_size": m["vocab_size"],
-               "documents": m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"]}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"wrote {m['train_tokens']:,} train + {m['val_tokens']:,} val tokens ({m['dtype']}) -> {args.out}")
-
-
-def add_cli(subparsers) -> None:
-    """Register `nanoseek data prepare ...` on an argparse subparsers object."""
-    p = subparsers.add_parser("data", help="prepare token shards for training")
-    sub = p.add_subparsers(dest="data_command", required=True)
-    d = sub.add_parser("prepare", help="tokenize text / .jsonl files into train/val token shards")
-    d.add_argument("--input", nargs="+", metavar="FILE",
-                   help="text files (one document each) or .jsonl files with a 'text' field; "
-                        "default: the built-in corpus (the Python standard library's sources)")
-    d.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (tokenizer.json)")
-    d.add_argument("--out", required=True, metavar="DIR", help="output data directory")
-    d.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
-    d.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard file")
-    d.add_argument("--seed", type=int, default=0, help="seed for choosing the validation documents")
-    d.add_argument("--json", action="store_true", help="print one JSON summary object")
-    d.set_defaults(func=_cmd_prepare)

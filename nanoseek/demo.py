@@ -8,8 +8,6 @@ a short report (nanochat-style) written to RUN_DIR/report.md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import time
@@ -21,7 +19,7 @@ PROMPTS = ["def ", "import os\n", "class Config:\n    def __init__(self"]
 
 def run(out: str, steps: int, batch_size: int, seq_len: int, vocab_size: int, corpus_bytes: int) -> dict:
     from nanoseek.accounting import summary
-    from nanoseek.cli import info_table
+    from nanoseek.cli.info import info_table
     from nanoseek.config import ModelConfig
     from nanoseek.data import default_corpus_files, prepare_data
     from nanoseek.engine import Engine, SamplingParams
@@ -90,21 +88,3 @@ def run(out: str, steps: int, batch_size: int, seq_len: int, vocab_size: int, co
     atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
     return report
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    report = run(args.out, args.steps, args.batch_size, args.seq_len, args.vocab_size, args.corpus_bytes)
-    if args.json:
-        print(json.dumps(report))
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="tokenizer -> data -> pretrain tiny -> sample, on built-in defaults")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--corpus-bytes", type=int, default=8_000_000)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_demo)

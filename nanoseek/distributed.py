@@ -22,7 +22,8 @@ The backward of an all-to-all is the all-to-all with the splits swapped (`AllToA
 Sharding: every parameter outside the routed experts is FSDP-sharded over all ranks. Routed expert weights are
 first split over the ep dimension and then FSDP-sharded over the remaining dp dimension (world / ep ranks), so
 every element of every parameter lives on exactly one rank. Their gradients arrive summed over the ep group
-(through the all-to-all backward), so their reduce-scatter divides by the world size, not by dp.
+(through the all-to-all backward), so they are divided by ep in the backward and FSDP's mean over dp completes the
+mean over all ranks.
 """
 
 from __future__ import annotations
@@ -130,6 +131,19 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
     return out
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward divides the gradient by `divisor`."""
+
+    @staticmethod
+    def forward(ctx, x, divisor: float):
+        ctx.divisor = divisor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.divisor, None
+
+
 def _swiglu_grouped(xs, gate, up, down, offsets) -> torch.Tensor:
     """Rows sorted by expert through their expert's SwiGLU (the same math as GroupedExperts.forward)."""
     if xs.shape[0] == 0:  # nothing routed here: an empty result, still wired to the input (so the backward
@@ -152,6 +166,7 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"--ep {self.ep} must divide n_routed_experts ({self.num_experts})")
         self.num_local = self.num_experts // self.ep
         self.first = rank * self.num_local
+        self.grad_divisor = 1.0  # parallelize sets ep: see there
         for name in ("gate_proj", "up_proj", "down_proj"):
             full = getattr(experts, name).detach()
             setattr(self, name, nn.Parameter(full[self.first: self.first + self.num_local].clone()))
@@ -177,7 +192,10 @@ class ExpertParallelExperts(nn.Module):
                                                 recv_counts.flatten(), output_size=xr.shape[0])
         perm = expert_of_row.argsort(stable=True)
         offsets = recv_counts.sum(0).cumsum(0)
-        y = _swiglu_grouped(xr.index_select(0, perm), self.gate_proj, self.up_proj, self.down_proj, offsets)
+        params = [self.gate_proj, self.up_proj, self.down_proj]
+        if self.grad_divisor != 1.0:
+            params = [_ScaleGrad.apply(p, self.grad_divisor) for p in params]
+        y = _swiglu_grouped(xr.index_select(0, perm), *params, offsets)
 
         # 3. back to arrival order, back to the sending ranks, weighted and summed per token
         y = y.index_select(0, perm.argsort())
@@ -212,7 +230,6 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None)
     norm) over all ranks: parameters, gradients and optimizer state are sharded; each block is all-gathered
     just before it runs and freed after. `mp_policy` (an FSDP MixedPrecisionPolicy) is passed through.
     """
-    world = mesh.size()
     kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     if ep > 1:
         if mesh["ep"].size() != ep:
@@ -221,8 +238,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None)
         for m in model.modules():
             if isinstance(m, ExpertParallelExperts):
                 fully_shard(m, mesh=mesh["dp"], **kw)
-                # gradients already summed over the ep group by the all-to-all backward: average over all ranks
-                m.set_gradient_divide_factor(float(world))
+                # Expert grads arrive summed over the ep group (all-to-all backward); /ep here and FSDP's default
+                # mean over dp give the mean over all ranks. Not set_gradient_divide_factor(world): FSDP makes that
+                # a ReduceOp.PREMUL_SUM reduce-scatter over dp, which gloo does not support.
+                m.grad_divisor = float(ep)
     world_mesh = DeviceMesh.from_group(dist.group.WORLD, mesh.device_type) if mesh.ndim > 1 else mesh
     for mtp in model.mtp:  # Transformer.mtp_logits calls shared_head.norm itself, outside MTPModule.forward
         fully_shard(mtp.shared_head.norm, mesh=world_mesh, **kw)

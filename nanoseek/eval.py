@@ -20,17 +20,15 @@ and the generation prompt, optionally prefilled with "<think>") and batched samp
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
+from tqdm import tqdm
 
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.plot import pyplot, save_figure
 from nanoseek.tasks import SYSTEM_PROMPT, rewards
 
 
@@ -144,7 +142,6 @@ class EvalConfig:
 
 def evaluate(model, tokenizer, task, ec: EvalConfig | None = None, progress: bool = False) -> dict:
     """Sample ec.samples completions for each of ec.n problems of the split and score them (see module docstring)."""
-    from tqdm import tqdm
 
     ec = ec or EvalConfig()
 
@@ -174,12 +171,7 @@ def evaluate(model, tokenizer, task, ec: EvalConfig | None = None, progress: boo
 
 def plot_curve(summary: dict, path: str, title: str = "") -> str:
     """Accuracy vs number of samples k (test-time compute): pass@k and maj@k."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nanoseek.io_utils import atomic_write
-
+    plt = pyplot()
     ks = sorted(int(k) for k in summary["curve"])
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ks, [summary["curve"][str(k)]["pass@k"] for k in ks], "o-", label="pass@k")
@@ -188,52 +180,4 @@ def plot_curve(summary: dict, path: str, title: str = "") -> str:
     ax.set_ylim(0, 1), ax.grid(alpha=0.3), ax.legend()
     if title:
         ax.set_title(title)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def cmd_eval(args: argparse.Namespace) -> None:
-    from nanoseek import tasks
-    from nanoseek.model import Transformer
-    from nanoseek.tokenizer import load_tokenizer
-
-    if args.samples < 1 or args.n < 1:
-        raise ValueError(f"--n and --samples must be >= 1, got {args.n}, {args.samples}")
-    torch.manual_seed(args.seed)
-    model = Transformer.from_pretrained(args.model).eval()
-    tokenizer = load_tokenizer(args.model)
-    task = tasks.get(args.task, difficulty=args.difficulty)
-    ec = EvalConfig(n=args.n, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-                    max_new_tokens=args.max_new_tokens, prefill_think=args.prefill_think,
-                    batch_size=args.batch_size, seed=args.seed)
-    s = evaluate(model, tokenizer, task, ec, progress=not args.json)
-    if args.plot:
-        s["plot"] = plot_curve(s, args.plot, f"{args.task} ({os.path.basename(os.path.normpath(args.model))})")
-    if args.json:
-        print(json.dumps(s))
-        return
-    K = s["k"]
-    print(f"{args.task}: {s['n']} held-out problems x {K} samples (T={ec.temperature}, top-p={ec.top_p})")
-    print(f"  pass@1 {s['pass@1']:.3f}   pass@{K} {s['pass@k']:.3f}   maj@{K} {s['maj@k']:.3f}   "
-          f"format {s['format_rate']:.3f}   mean length {s['mean_length']:.1f} tokens")
-
-
-def add_cli(subparsers) -> None:
-    d = EvalConfig()
-    p = subparsers.add_parser("eval", help="pass@1 / pass@k / maj@k of a checkpoint on a task's held-out split")
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with tokenizer.json)")
-    p.add_argument("--task", required=True, help="arithmetic | countdown | jsonl:PATH")
-    p.add_argument("--difficulty", type=int, default=None)
-    p.add_argument("--n", type=int, default=d.n, help="number of held-out problems")
-    p.add_argument("--samples", type=int, default=d.samples, help="samples per problem (k)")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--prefill-think", action="store_true", help="end the prompt with <think> (R1's template)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--plot", metavar="PATH", default=None, help="write accuracy vs k (pass@k, maj@k) as a PNG")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_eval)
+    return save_figure(fig, path)

@@ -30,7 +30,6 @@ with add_generation_prompt=True appending `<|assistant|>`. The same format is st
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
+from nanoseek.corpus import check_inputs, iter_documents
 from nanoseek.io_utils import atomic_write, atomic_write_text
 
 BOS = "<|begin_of_sentence|>"
@@ -237,8 +237,6 @@ def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, min_frequen
     vocab_size counts everything: 256 byte symbols, the special and reasoning tokens, and the learned merges.
     On a small corpus BPE may run out of merges first, so the result can be smaller; check .vocab_size.
     """
-    from nanoseek.data import check_inputs, iter_documents  # data imports this module; import late
-
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(
             f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE} "
@@ -274,39 +272,3 @@ def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, min_frequen
     tokenizer = Tokenizer(tok)
     tokenizer.save(out_dir)
     return tokenizer
-
-
-# ----------------------------------------------------------------------------------------------------------
-# command line
-
-
-def _cmd_train(args: argparse.Namespace) -> None:
-    from nanoseek.data import default_corpus_files
-
-    files = args.input or default_corpus_files()
-    try:
-        tok = train_tokenizer(files, args.vocab_size, args.out, min_frequency=args.min_frequency,
-                              show_progress=not args.json)
-    except (TokenizerError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    summary = {"out": args.out, "vocab_size": tok.vocab_size, "files": len(files),
-               "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"trained a {tok.vocab_size}-token byte-level BPE tokenizer on {len(files)} file(s) -> {args.out}")
-
-
-def add_cli(subparsers) -> None:
-    """Register `nanoseek tokenizer train ...` on an argparse subparsers object."""
-    p = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
-    sub = p.add_subparsers(dest="tokenizer_command", required=True)
-    t = sub.add_parser("train", help="train a tokenizer on text / .jsonl files")
-    t.add_argument("--input", nargs="+", metavar="FILE",
-                   help="text files (one document each) or .jsonl files with a 'text' field; "
-                        "default: the built-in corpus (the Python standard library's sources)")
-    t.add_argument("--vocab-size", type=int, required=True, help=f"total vocabulary size (>= {MIN_VOCAB_SIZE})")
-    t.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    t.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
-    t.add_argument("--json", action="store_true", help="print one JSON summary object")
-    t.set_defaults(func=_cmd_train)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=24, q_lora_rank=40, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=24, q_lora_rank=40, qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
             v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
             max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
 

@@ -9,9 +9,9 @@ import torch
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
 
-from nanoseek import ModelConfig, Transformer
-from nanoseek.serve.server import ServerThread, load_app
-from nanoseek.tokenizer import load_tokenizer, train_tokenizer
+from nanoseek import ModelConfig, Transformer  # noqa: E402
+from nanoseek.serve.server import ServerThread, load_app  # noqa: E402
+from nanoseek.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 
 def chromium() -> str | None:

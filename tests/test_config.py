@@ -104,7 +104,7 @@ def test_accounting_equals_the_instantiated_model(name):
 def test_v3_accounting_agrees_with_the_paper():
     cfg = ModelConfig.from_preset("v3")
     p = param_counts(cfg)
-    assert abs(p["total_params"] - 671.03e9) < 0.01e9  # REFERENCE section 1 worked check
+    assert abs(p["total_params"] - 671.03e9) < 0.01e9  # DeepSeek-V3 report: 671B total parameters
     assert 36.5e9 < p["active_params"] < 38.5e9  # "37B activated"
     assert 11.0e9 < p["mtp_params"] < 12.0e9  # "11.5B of its own"
     kv = kv_cache_bytes_per_token(cfg)

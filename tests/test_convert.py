@@ -1,7 +1,6 @@
 """`nanoseek convert`: exact dtype rewrites, DeepSeek's FP8 release layout (V3 section 3.3) written to the letter,
 loading it back in nanoseek and transformers, and `pretrain --fp8` -> convert --fp8 -> load end to end."""
 
-import argparse
 import json
 import math
 import os
@@ -12,10 +11,11 @@ from safetensors.torch import load_file
 
 import nanoseek.checkpoint as ckpt
 from nanoseek import ModelConfig, Transformer
-from nanoseek.convert import add_cli, convert
+from nanoseek.cli import main
+from nanoseek.convert import convert
 from nanoseek.fp8 import QUANTIZATION_CONFIG, dequantize_checkpoint_weight
 
-# Tensors DeepSeek's FP8 release keeps unquantised (REFERENCE section 5), by name pattern.
+# Tensors DeepSeek's FP8 release keeps unquantised (its released config), by name pattern.
 KEPT = ("embed_tokens", "lm_head", "shared_head.head", "eh_proj", "norm", "mlp.gate.weight",
         "e_score_correction_bias")
 
@@ -126,13 +126,11 @@ def test_fp8_export_has_deepseeks_layout_and_loads_back(source, tmp_path):
 
 def test_cli_and_a_failed_write_leaves_nothing(source, tmp_path, monkeypatch):
     _, src = source
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers())
-    args = parser.parse_args(["convert", "--model", str(src), "--out", str(tmp_path / "cli"), "--fp8", "--json"])
-    args.func(args)
+    main(["convert", "--model", str(src), "--out", str(tmp_path / "cli"), "--fp8", "--json"])
     assert "quantization_config" in json.loads((tmp_path / "cli" / "config.json").read_text())
-    with pytest.raises(SystemExit):
-        parser.parse_args(["convert", "--model", str(src), "--out", "x", "--dtype", "fp64"])
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "--model", str(src), "--out", "x", "--dtype", "fp64"])
+    assert e.value.code == 2
     with pytest.raises(ValueError, match="must differ"):
         convert(src, src)
 

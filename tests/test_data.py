@@ -1,6 +1,5 @@
 """Data pipeline: token shards, EOS separators, validation split, TokenDataset sampling and resume."""
 
-import argparse
 import json
 import os
 import random
@@ -11,8 +10,16 @@ import pytest
 import torch
 
 import nanoseek.data as data
-from nanoseek.data import (DataError, TokenDataset, add_cli, default_corpus_files, iter_documents, load_manifest,
-                           prepare_data, token_dtype)
+from nanoseek.cli import main
+from nanoseek.data import (
+    DataError,
+    TokenDataset,
+    default_corpus_files,
+    iter_documents,
+    load_manifest,
+    prepare_data,
+    token_dtype,
+)
 from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu café 東京 🙂 def return".split()
@@ -272,16 +279,12 @@ def test_default_corpus_files():
 
 
 def test_cli_prepare(tmp_path, corpus, tok_dir, capsys):
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
     out = str(tmp_path / "d")
-    args = parser.parse_args(["data", "prepare", "--input", *corpus[:4], "--tokenizer", tok_dir, "--out", out,
-                              "--json"])
-    args.func(args)
+    main(["data", "prepare", "--input", *corpus[:4], "--tokenizer", tok_dir, "--out", out, "--json"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     m = load_manifest(out)
     assert summary["train_tokens"] == m["train_tokens"] > 0 and summary["documents"] == 4
-    args = parser.parse_args(["data", "prepare", "--input", str(tmp_path / "missing.txt"), "--tokenizer",
-                              tok_dir, "--out", out])
-    with pytest.raises(SystemExit, match="missing.txt"):
-        args.func(args)
+    with pytest.raises(SystemExit) as e:  # one error style: "nanoseek CMD: error: ...", status 2
+        main(["data", "prepare", "--input", str(tmp_path / "missing.txt"), "--tokenizer", tok_dir, "--out", out])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("nanoseek data: error:") and "missing.txt" in err

@@ -1,6 +1,6 @@
 """torch.distributed on CPU with gloo, 2 processes: the expert-parallel MoE layer against the single-process
 layer, 2-process pretraining (FSDP, FSDP + expert parallelism) against the 1-process run, checkpoints saved on 2
-processes resumed on 1, and the per-rank memory planner.
+processes resumed on 1, a 4-process dp 2 x ep 2 run resumed from the 1-process run, and the per-rank memory planner.
 
 Workers are plain `python -c` processes given torchrun's environment variables (RANK, WORLD_SIZE, ...), the
 same entry as under torchrun; one test launches the real `torchrun -m nanoseek pretrain` command."""
@@ -214,6 +214,17 @@ def test_saved_on_one_process_resumes_on_two_with_expert_parallelism(data_dir, r
     run_pretrain(base_config(data_dir, tmp_path / "resumed", resume=True, ep=2), 2)
     assert_same_run(reference, tmp_path / "resumed")
     assert trainer_state(tmp_path / "resumed")["world_size"] == 2
+
+
+def test_four_processes_dp2_x_ep2_resume_and_follow_the_one_process_run(data_dir, reference, tmp_path):
+    """A 2-D mesh (dp 2 x ep 2): expert weights split over ep and FSDP-sharded over dp, so their gradients are
+    reduce-scattered over a sub-mesh. Resumed from the 1-process step-5 checkpoint (loading into that layout),
+    trained to step 10 and saved (gathering it back): the result is the uninterrupted 1-process run."""
+    cut_at(reference, 5, tmp_path / "four")
+    run_pretrain(base_config(data_dir, tmp_path / "four", resume=True, ep=2), 4)
+    assert_same_run(reference, tmp_path / "four")
+    assert trainer_state(tmp_path / "four")["world_size"] == 4
+    assert_close_models(reference / "latest", tmp_path / "four" / "latest", rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ memory planner

@@ -1,20 +1,26 @@
 """Evaluation: pass@k (unbiased estimator) and maj@k (ties: first seen wins) on hand-made results, the R1 prompt,
 and `nanoseek eval` end to end on a tiny model (greedy: every sample identical)."""
 
-import argparse
 import json
 import math
 from itertools import combinations
 
 import pytest
-
-from nanoseek import Transformer, tasks
-from nanoseek.eval import (EvalConfig, ProblemResult, add_cli, evaluate, majority_correct, pass_at_k, plot_curve,
-                           prompt_ids, summarize)
-from nanoseek.tokenizer import load_tokenizer
 from test_grpo import tiny_checkpoint
 
-
+from nanoseek import Transformer, tasks
+from nanoseek.cli import main
+from nanoseek.eval import (
+    EvalConfig,
+    ProblemResult,
+    evaluate,
+    majority_correct,
+    pass_at_k,
+    plot_curve,
+    prompt_ids,
+    summarize,
+)
+from nanoseek.tokenizer import load_tokenizer
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -74,11 +80,8 @@ def test_eval_end_to_end_greedy_and_cli(tmp_path, capsys):
     s = evaluate(model, tok, task, EvalConfig(n=3, samples=2, temperature=0.0, max_new_tokens=5, batch_size=4))
     assert s["n"] == 3 and s["k"] == 2 and 1 <= s["mean_length"] <= 5
     assert s["pass@1"] == s["pass@k"]  # greedy: both samples of a problem are the same completion
-    p = argparse.ArgumentParser()
-    add_cli(p.add_subparsers())
-    args = p.parse_args(["eval", "--model", ckpt, "--task", "arithmetic", "--n", "2", "--samples", "4",
-                         "--max-new-tokens", "4", "--json", "--plot", str(tmp_path / "k.png")])
-    args.func(args)
+    main(["eval", "--model", ckpt, "--task", "arithmetic", "--n", "2", "--samples", "4", "--max-new-tokens", "4",
+          "--json", "--plot", str(tmp_path / "k.png")])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("pass@1", "maj@k", "mean_length", "pass@k"):
         assert key in out

@@ -10,10 +10,13 @@ from torch import nn
 
 import nanoseek
 from nanoseek import fp8
-from nanoseek.fp8 import (FP8GroupedExperts, FP8Linear, convert_to_fp8, dequantize_act, dequantize_weight,
-                          fp8_grouped_mm, fp8_matmul, quantize_act, quantize_weight)
+from nanoseek.fp8 import FP8Recipe, dequantize_act, dequantize_weight, fp8_matmul, quantize_act, quantize_weight
+from nanoseek.fp8 import modules as fp8_modules
+from nanoseek.fp8.modules import FP8GroupedExperts, FP8Linear, convert_to_fp8, fp8_grouped_mm
 from nanoseek.model.moe import GroupedExperts, Router
 from nanoseek.model.norm import RMSNorm
+
+EMULATE = FP8Recipe(backend="emulate")
 
 # e4m3 keeps 3 mantissa bits: round-to-nearest is off by at most 2^-4 of the value for normal numbers;
 # below 2^-6 (subnormals) the spacing is 2^-9, so at most 2^-10 in fp8 units, i.e. 2^-10 * scale.
@@ -204,7 +207,7 @@ def test_fp8_linear_forward_and_grads_close_to_linear(dtype):
 
     # reference: the exact product of the same (fp32 master) weight, output in the input dtype
     y, dx, dw, db = run(lambda t: F.linear(t.float(), lin.weight, lin.bias).to(dtype), lin)
-    f = FP8Linear.from_linear(lin, backend="emulate")
+    f = FP8Linear.from_linear(lin, EMULATE)
     assert f.weight is lin.weight and f.bias is lin.bias  # shared master weight, no copy
     y8, dx8, dw8, db8 = run(f, f)
     assert y8.dtype == dtype and dx8.dtype == dtype and dw8.dtype == torch.float32 and y8.shape == y.shape
@@ -217,7 +220,7 @@ def test_fp8_linear_forward_and_grads_close_to_linear(dtype):
 
 def test_fp8_linear_is_used_by_training_and_shares_parameters():
     lin = nn.Linear(64, 32, bias=False)
-    f = FP8Linear.from_linear(lin, backend="emulate")
+    f = FP8Linear.from_linear(lin, EMULATE)
     assert isinstance(f, nn.Linear) and [p for p in f.parameters()] == [lin.weight]
     f(torch.randn(3, 64)).sum().backward()
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
@@ -233,7 +236,7 @@ def test_fp8_grouped_mm_forward_backward():
     w = (torch.randn(e, d_out, d_in) * 0.05).requires_grad_()
     g = torch.randn(x.shape[0], d_out)
 
-    y8 = fp8_grouped_mm(x, w, offsets, backend="emulate")
+    y8 = fp8_grouped_mm(x, w, offsets, EMULATE)
     y8.backward(g)
     dx8, dw8 = x.grad.clone(), w.grad.clone()
     x.grad, w.grad = None, None
@@ -246,10 +249,10 @@ def test_fp8_grouped_mm_forward_backward():
 
     # the batched emulation of dW equals quantising each expert's tokens separately (tiles never straddle experts)
     for granularity in ("block", "tensor"):
-        got = fp8._grouped_weight_grad_emulate(g, x.detach(), bounds, 128, granularity)
+        got = fp8_modules._grouped_weight_grad_emulate(g, x.detach(), bounds, FP8Recipe(granularity, backend="emulate"))
         for i in (0, 2, 3):
-            want = fp8._weight_grad(g[bounds[i]:bounds[i + 1]], x.detach()[bounds[i]:bounds[i + 1]], "emulate",
-                                    128, granularity)
+            want = fp8_modules._weight_grad(g[bounds[i]:bounds[i + 1]], x.detach()[bounds[i]:bounds[i + 1]],
+                                            FP8Recipe(granularity, backend="emulate"))
             torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
     # the forward of one expert is exactly fp8_matmul on its rows
     xq, xs = quantize_act(x.detach())
@@ -267,7 +270,7 @@ def test_fp8_grouped_experts_close_to_grouped_experts():
     indices = torch.stack([torch.randperm(cfg.n_routed_experts)[:cfg.num_experts_per_tok] for _ in range(24)])
     weights = torch.rand(24, cfg.num_experts_per_tok)
     ref = experts(x, indices, weights)
-    fexp = FP8GroupedExperts.from_experts(experts, backend="emulate")
+    fexp = FP8GroupedExperts.from_experts(experts, EMULATE)
     assert fexp.gate_proj is experts.gate_proj
     assert 0.005 < rel_err(fexp(x, indices, weights), ref) < 0.1
 
@@ -280,7 +283,7 @@ def test_convert_to_fp8_keeps_deepseek_high_precision_parts():
     before = {name: id(p) for name, p in model.named_parameters()}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
     experts = [n for n, m in model.named_modules() if isinstance(m, GroupedExperts)]
-    assert convert_to_fp8(model, backend="emulate") is model
+    assert convert_to_fp8(model, EMULATE) is model
     mods = dict(model.named_modules())
     assert type(model.lm_head) is nn.Linear and type(model.embed_tokens) is nn.Embedding
     assert all(type(m) is Router for n, m in mods.items() if n.endswith(".gate"))
@@ -293,7 +296,7 @@ def test_convert_to_fp8_keeps_deepseek_high_precision_parts():
     assert {name: id(p) for name, p in model.named_parameters()} == before
     assert set(model.state_dict()) == set(nanoseek.Transformer(cfg).state_dict())
     # converting twice changes nothing
-    convert_to_fp8(model, backend="emulate")
+    convert_to_fp8(model, EMULATE)
     assert model.fp8_modules == []
 
 
@@ -305,7 +308,7 @@ def test_converted_tiny_model_trains():
     inputs, targets = ids[:, :-1], ids[:, 1:].reshape(-1)
     with torch.no_grad():
         ref = model(inputs)
-    convert_to_fp8(model, backend="emulate")
+    convert_to_fp8(model, EMULATE)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for step in range(4):
@@ -346,8 +349,8 @@ def test_block_scaling_beats_tensor_scaling_with_an_outlier():
     ref = F.linear(x, lin.weight)[1:]
     errs = {}
     for granularity in ("block", "tensor"):
-        f = FP8Linear.from_linear(lin, backend="emulate", granularity=granularity)
-        assert f.granularity == granularity and granularity in repr(f)
+        f = FP8Linear.from_linear(lin, FP8Recipe(granularity, backend="emulate"))
+        assert f.recipe.granularity == granularity and granularity in repr(f)
         errs[granularity] = rel_err(f(x).detach()[1:], ref)
     assert errs["block"] < 0.1 and errs["tensor"] > 3 * errs["block"], errs
 
@@ -355,15 +358,15 @@ def test_block_scaling_beats_tensor_scaling_with_an_outlier():
 def test_tensor_granularity_trains_and_rejects_unknown_names():
     torch.manual_seed(13)
     cfg = nanoseek.ModelConfig.from_preset("tiny")
-    model = convert_to_fp8(nanoseek.Transformer(cfg), backend="emulate", granularity="tensor")
+    model = convert_to_fp8(nanoseek.Transformer(cfg), FP8Recipe("tensor", backend="emulate"))
     mods = dict(model.named_modules())
-    assert all(mods[n].granularity == "tensor" for n in model.fp8_modules)
+    assert all(mods[n].recipe.granularity == "tensor" for n in model.fp8_modules)
     ids = torch.randint(0, cfg.vocab_size, (2, 17))
     loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
     loss.backward()
     assert torch.isfinite(loss) and model.layers[1].mlp.experts.down_proj.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="unknown FP8 granularity"):
-        convert_to_fp8(nanoseek.Transformer(cfg), granularity="channel")
+        convert_to_fp8(nanoseek.Transformer(cfg), FP8Recipe("channel"))
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
@@ -397,7 +400,7 @@ def test_scaled_mm_backend_matches_emulation():
     outs = []
     for backend in ("emulate", "scaled_mm"):
         xin.grad, lin.weight.grad = None, None
-        y = FP8Linear.from_linear(lin, backend=backend)(xin)
+        y = FP8Linear.from_linear(lin, FP8Recipe(backend=backend))(xin)
         y.float().square().sum().backward()
         outs.append((y.detach(), xin.grad.clone(), lin.weight.grad.clone()))
     for got, want in zip(outs[1], outs[0]):

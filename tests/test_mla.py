@@ -1,4 +1,4 @@
-"""MLA: the absorbed form (REFERENCE section 2) equals the expanded one; RoPE and YaRN against their formulas."""
+"""MLA: the absorbed form (DeepSeek-V2 section 2.1.2) equals the expanded one; RoPE and YaRN against their formulas."""
 
 import math
 
@@ -99,5 +99,5 @@ def test_yarn_frequencies_and_softmax_scale_follow_the_formulas():
         else:
             assert float(plain[i]) / 40 * (1 - 1e-6) <= inv[i] <= float(plain[i]) * (1 + 1e-6)
     mscale = 0.1 * 1.0 * math.log(40) + 1
-    assert mscale == pytest.approx(1.3689, abs=1e-4)  # REFERENCE: softmax scale x mscale^2 = x 1.874
+    assert mscale == pytest.approx(1.3689, abs=1e-4)  # V3 (YaRN factor 40): softmax scale x mscale^2 = x 1.874
     assert cfg.softmax_scale == pytest.approx(192 ** -0.5 * mscale ** 2)

@@ -1,12 +1,8 @@
 """`nanoseek serve`: a live server on a free local port, driven by the real `openai` client (chat streaming and
 not, completions with logprobs) and by raw HTTP for every bad input. Every server a test starts is stopped by it."""
 
-import argparse
 import asyncio
-import importlib
-import importlib.util
 import json
-import os
 import time
 
 import pytest
@@ -16,11 +12,11 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 openai = pytest.importorskip("openai", reason="the openai client is not installed: pip install -e '.[test]'")
 httpx = pytest.importorskip("httpx")
 
-from nanoseek import ModelConfig, Transformer
-from nanoseek.engine import Engine, SamplingParams
-from nanoseek.serve.app import create_app
-from nanoseek.serve.server import ServerThread, load_app
-from nanoseek.tokenizer import load_tokenizer, train_tokenizer
+from nanoseek import ModelConfig, Transformer  # noqa: E402
+from nanoseek.engine import Engine, SamplingParams  # noqa: E402
+from nanoseek.serve.app import create_app  # noqa: E402
+from nanoseek.serve.server import ServerThread, load_app  # noqa: E402
+from nanoseek.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 NAME = "tiny"
 
@@ -287,21 +283,11 @@ def test_health_503_when_the_engine_loop_dies(checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def serve_cli():
-    try:
-        return importlib.import_module("nanoseek.cli.serve")
-    except ModuleNotFoundError:  # nanoseek/cli is still a module on this branch: load the file itself
-        path = os.path.join(os.path.dirname(__file__), "..", "nanoseek", "cli", "serve.py")
-        spec = importlib.util.spec_from_file_location("nanoseek_cli_serve", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
 def test_cli_flags():
-    mod = serve_cli()
-    p = argparse.ArgumentParser()
-    mod.register(p.add_subparsers(dest="command"))
+    from nanoseek.cli import build_parser
+    from nanoseek.cli import serve as mod
+
+    p = build_parser()
     a = p.parse_args(["serve", "--model", "m", "--port", "8123", "--max-batch-size", "2", "--kv-cache-dtype", "fp8",
                       "--max-queue", "4", "--api-key", "k"])
     assert (a.func, a.port, a.max_batch_size, a.kv_cache_dtype, a.max_queue, a.api_key, a.host) == \

@@ -1,15 +1,24 @@
 """Tokenizer: byte-level round trip, special tokens, transformers compatibility, chat template, SFT mask."""
 
-import argparse
 import json
 import os
 import random
 
 import pytest
 
-from nanoseek.tokenizer import (EOS, MIN_VOCAB_SIZE, REASONING_TOKENS, ROLE_TOKENS, SPECIAL_TOKENS,
-                                TokenizerError, add_cli, copy_tokenizer, load_tokenizer, render_chat,
-                                train_tokenizer)
+from nanoseek.cli import main
+from nanoseek.tokenizer import (
+    EOS,
+    MIN_VOCAB_SIZE,
+    REASONING_TOKENS,
+    ROLE_TOKENS,
+    SPECIAL_TOKENS,
+    TokenizerError,
+    copy_tokenizer,
+    load_tokenizer,
+    render_chat,
+    train_tokenizer,
+)
 
 WORDS = ("the quick brown fox jumps over lazy dog model token attention latent expert router "
          "def return import class self value list print while for if else none true false "
@@ -215,22 +224,18 @@ def test_jsonl_training_input_and_cli(tmp_path, capsys):
     rng = random.Random(5)
     path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(20))})
                               for _ in range(30)) + "\n", encoding="utf-8")
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
     out = tmp_path / "tk"
-    args = parser.parse_args(["tokenizer", "train", "--input", str(path), "--vocab-size", "300",
-                              "--out", str(out), "--json"])
-    args.func(args)
+    main(["tokenizer", "train", "--input", str(path), "--vocab-size", "300", "--out", str(out), "--json"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["vocab_size"] == load_tokenizer(str(out)).vocab_size <= 300
     assert summary["eos_id"] == 1
     # a JSONL line without "text" is named by file and line
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "oops"}\n')
-    args = parser.parse_args(["tokenizer", "train", "--input", str(bad), "--vocab-size", "300",
-                              "--out", str(tmp_path / "tk2")])
-    with pytest.raises(SystemExit, match="bad.jsonl:2"):
-        args.func(args)
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", "--input", str(bad), "--vocab-size", "300", "--out", str(tmp_path / "tk2")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("nanoseek tokenizer: error:") and "bad.jsonl:2" in err
 
 
 @pytest.mark.parametrize("conv", CONVERSATIONS[1:3])

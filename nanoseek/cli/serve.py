@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+from nanoseek.cli.common import parser
+
 
 def register(sub) -> None:
-    help = "OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /metrics, a chat page at /"
-    p = sub.add_parser("serve", help=help, description=help)
+    p = parser(sub, "serve", "OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /metrics, "
+                             "a chat page at /")
     p.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
     p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1; 0.0.0.0 listens on every interface)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")

@@ -1,7 +1,7 @@
 """The model: one module per paper concept (rope, mla, moe, mtp) composed in transformer.py."""
 
 from nanoseek.model.mla import MLA
-from nanoseek.model.moe import MoE, Router, GroupedExperts, Routing, select_experts
+from nanoseek.model.moe import GroupedExperts, MoE, Router, Routing, select_experts
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.transformer import Transformer
 

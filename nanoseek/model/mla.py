@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2 paper, section 2.1; REFERENCE section 2).
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1; docs/mla.md).
 
 Keys and values are reconstructed from a small latent c_kv (kv_lora_rank) plus one RoPE'd key k_rope shared by
 all heads, so a KV cache need only hold [c_kv ; k_rope] per token. Two equivalent ways to attend:
@@ -98,7 +98,8 @@ class MLA(nn.Module):
         return out.transpose(1, 2).reshape(b, t, h * self.v_head_dim)
 
     def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask=None) -> torch.Tensor:
-        """Absorbed path (REFERENCE section 2): score = (q_nope W_UK) . c_kv + q_rope . k_rope, output = W_UV (p . c_kv).
+        """Absorbed path (DeepSeek-V2 section 2.1.2, docs/mla.md):
+        score = (q_nope W_UK) . c_kv + q_rope . k_rope, output = W_UV (p . c_kv).
         Returns [b, t, h * v]."""
         b, t, h, _ = q_nope.shape
         s = c_kv.shape[1]

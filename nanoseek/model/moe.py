@@ -1,4 +1,4 @@
-"""DeepSeekMoE (V2 section 2.2, V3 section 2.1.2; REFERENCE section 3), in three parts as torchtitan splits them:
+"""DeepSeekMoE (DeepSeek-V2 section 2.2, DeepSeek-V3 section 2.1.2; docs/moe.md), in three parts as torchtitan splits them:
 
   Router          scores every expert, picks top-k (group-limited), returns weights and what training needs.
   GroupedExperts  all routed experts' SwiGLU weights as [experts, out, in] tensors, run as one grouped matmul

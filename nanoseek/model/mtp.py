@@ -1,4 +1,4 @@
-"""Multi-token prediction (DeepSeek-V3 section 2.2; REFERENCE section 4).
+"""Multi-token prediction (DeepSeek-V3 section 2.2; docs/mtp.md).
 
 Module k combines the previous depth's hidden state h^{k-1}_i with the embedding of token t_{i+k}:
     h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])

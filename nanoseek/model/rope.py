@@ -1,4 +1,5 @@
-"""Rotary position embedding (RoPE) with YaRN context extension (REFERENCE section 2; YaRN, Peng et al. 2023).
+"""Rotary position embedding (RoPE) with YaRN context extension (DeepSeek-V2 section 2.1.3; YaRN, Peng et al.
+2023, arXiv 2309.00071).
 
 MLA applies RoPE only to the decoupled parts q_rope and k_rope (V2 paper, section 2.1.3). DeepSeek's released
 checkpoints rotate interleaved pairs (dims 2i, 2i+1); `rope_interleave=False` rotates the two halves instead.

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanoseek.checkpoint import DTYPES, read_config, read_state, save_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
-from nanoseek.model.moe import MoE, GroupedExperts, Router
+from nanoseek.model.moe import GroupedExperts, MoE, Router
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
@@ -83,13 +84,19 @@ class Transformer(nn.Module):
                 break
             cos, sin = self.rope(positions[..., : t - k])
             h = module(h[:, :-1], self.embed_tokens(input_ids[:, k:]), cos, sin)
-            out.append(self.lm_head(module.shared_head.norm(h)))
+            out.append(self.mtp_head(module, h))
         return out
+
+    def mtp_head(self, module: MTPModule, h: torch.Tensor) -> torch.Tensor:
+        """Logits of an MTP module's output h^k: its own norm, then the shared output head."""
+        return self.lm_head(module.shared_head.norm(h))
 
     def forward(self, input_ids, positions=None, mask=None, kv_caches=None, absorb=False, return_mtp=False):
         """logits [b, t, vocab]; with return_mtp=True, (logits, mtp_logits) where mtp_logits is as in
-        `mtp_logits` (an empty list for a model without MTP modules)."""
-        self.check_input_ids(input_ids)
+        `mtp_logits` (an empty list for a model without MTP modules). Token ids are checked except in training
+        on an accelerator, where reading them back would stall every step (training data is checked when prepared)."""
+        if not self.training or input_ids.device.type == "cpu":
+            self.check_input_ids(input_ids)
         h = self.hidden_states(input_ids, positions, mask, kv_caches, absorb)
         logits = self.lm_head(h)
         if not return_mtp:
@@ -97,20 +104,32 @@ class Transformer(nn.Module):
         return logits, self.mtp_logits(input_ids, h, positions)
 
     # ------------------------------------------------------------------ helpers
-    def moe_layers(self) -> list[MoE]:
-        """Every MoE layer, MTP blocks included, in order: what balancing and load statistics iterate over."""
-        return [m for m in self.modules() if isinstance(m, MoE)]
+    def moe_layers(self, include_mtp: bool = True) -> list[MoE]:
+        """Every MoE layer in order, the MTP blocks' last unless left out (they run only when MTP is trained):
+        what balancing and load statistics iterate over."""
+        parts = [self.layers, self.mtp] if include_mtp else [self.layers]
+        return [m for part in parts for m in part.modules() if isinstance(m, MoE)]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "Transformer":
-        """Load a transformers-layout checkpoint directory (DeepseekV3/V2, bf16/fp32 or DeepSeek's FP8)."""
-        from nanoseek.checkpoint import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device)
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> Transformer:
+        """Load a transformers-layout checkpoint directory (DeepseekV3/V2, bf16/fp32 or DeepSeek's FP8). `dtype`
+        None keeps the config's torch_dtype (FP8 checkpoints are dequantised to bf16 then); the router gate and
+        its bias always load in fp32. Returned in eval mode."""
+        cfg = read_config(path)
+        dtype = dtype or DTYPES[cfg.torch_dtype]
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = read_state(path, cfg, model.state_dict(), dtype, device)
+        model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.config = cfg.replace(quantization_config=None,
+                                   torch_dtype={v: k for k, v in DTYPES.items()}.get(dtype, "float32"))
+        return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write config.json + model.safetensors (or shards with an index) that transformers loads."""
-        from nanoseek.checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)

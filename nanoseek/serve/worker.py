@@ -174,7 +174,7 @@ class EngineLoop:
         except BaseException as e:  # the loop is dead: /health says 503, every open request gets an error
             log.exception("engine loop died")
             self.error = e
-            for rid, (loop, q) in list(self.sinks.items()):
+            for loop, q in list(self.sinks.values()):
                 try:
                     loop.call_soon_threadsafe(q.put_nowait, ("error", f"engine failed: {e!r}"))
                 except RuntimeError:

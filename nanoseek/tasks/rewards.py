@@ -14,7 +14,7 @@ Optional shaping, off by default:
 
 Default weights: accuracy 1.0, format 0.1. Why 0.1: a well-formatted wrong answer (0.1) must be worth far less
 than a right one (1.0 or 1.1), so the policy cannot settle for format alone; yet early in RL from a base model
-nearly every answer is wrong, all-zero accuracy groups give zero advantage and no gradient (REFERENCE 6), and
+nearly every answer is wrong, all-zero accuracy groups give zero advantage and no gradient (docs/grpo.md), and
 the small format term is what still separates completions in those groups and teaches the tags first.
 
 Everything here is linear in the length of the completion (str.find, no backtracking regex), never raises on a
@@ -23,8 +23,8 @@ str, and never executes the text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"

@@ -1,4 +1,4 @@
-"""Expert load balancing for DeepSeekMoE training (DeepSeek-V3 section 2.1.2; REFERENCE section 3).
+"""Expert load balancing for DeepSeekMoE training (DeepSeek-V3 section 2.1.2; docs/moe.md).
 
 Two mechanisms, both driven by what the router exposes (`MoE.last_routing`), never by the model itself:
   - auxiliary-loss-free balancing: after each step, b_i += gamma * sign(mean_load - load_i), from the selection
@@ -8,7 +8,7 @@ Two mechanisms, both driven by what the router exposes (`MoE.last_routing`), nev
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

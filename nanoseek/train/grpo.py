@@ -24,24 +24,23 @@ functions of (seed, step), so a resumed run draws the same batches as an uninter
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from nanoseek import tasks
 from nanoseek.engine import SamplingParams
 from nanoseek.eval import completion_text, generate_batched, prompt_ids
+from nanoseek.model import Transformer
+from nanoseek.plot import plot_grpo
 from nanoseek.tasks import rewards
+from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.grpo_loss import AGGREGATIONS, RATIOS, drop_equal_reward_groups, group_advantages, policy_loss
-from nanoseek.train.loop import MetricsLog, NonFiniteGuard, lr_at, make_optimizer
-from nanoseek.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.loop import NonFiniteGuard, Run, lr_at, make_optimizer
 
 MAX_REFILL = 63  # refill rounds are folded into the prompt seed (64 per step)
 
@@ -258,12 +257,8 @@ def reference_policy(model, beta: float):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def train(tc: GRPOConfig, progress: bool = True, task=None) -> dict:
+def train(tc: GRPOConfig, progress: bool = True, task=None, plot: bool = False) -> dict:
     """Run (or resume) GRPO from tc.model on tc.task (or the given Task object); returns a summary."""
-    from nanoseek import tasks
-    from nanoseek.model import Transformer
-    from nanoseek.tokenizer import load_tokenizer
-
     tc.validate()
     task = task if task is not None else tasks.get(tc.task, difficulty=tc.difficulty)
     torch.manual_seed(tc.seed)
@@ -271,25 +266,11 @@ def train(tc: GRPOConfig, progress: bool = True, task=None) -> dict:
     model = Transformer.from_pretrained(tc.model, dtype=torch.float32)  # fp32 master weights
     ref_model = reference_policy(model, tc.beta)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
-    guard = NonFiniteGuard(tc.max_bad_steps)
-
-    start = 0
-    if tc.resume:
-        path = latest_checkpoint(tc.out)
-        if path is None:
-            raise ValueError(f"--resume: {tc.out} has no complete checkpoint to resume from")
-        state = load_checkpoint(path, model, optimizer)
-        if state["train_config"]["steps"] != tc.steps:
-            raise ValueError(f"--resume with --steps {tc.steps}, but the run was started with --steps "
-                             f"{state['train_config']['steps']}: the schedule would change")
-        guard.load_state_dict(state["guard"])
-        start = state["step"]
-    os.makedirs(tc.out, exist_ok=True)
-    log = MetricsLog(tc.out, start)
-    bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc="grpo", dynamic_ncols=True)
-    last: dict = {}
+    run = Run(tc.out, tc.steps, "grpo", model, optimizer, save_every=tc.save_every, keep=tc.keep,
+              max_bad_steps=tc.max_bad_steps, tokenizer_dir=tc.model, progress=progress, plot=plot_grpo)
     try:
-        for step in range(start + 1, tc.steps + 1):
+        run.start(tc.resume)
+        for step in run:
             step_lr = lr_at(step, tc.steps, tc.lr, tc.warmup, "cosine", tc.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
@@ -299,7 +280,7 @@ def train(tc: GRPOConfig, progress: bool = True, task=None) -> dict:
             rec = {"step": step, "lr": step_lr, **ro.stats}
             model.train()
             if len(ro.completions):
-                rec.update(update(model, ref_model, optimizer, ro, tc, guard, step))
+                rec.update(update(model, ref_model, optimizer, ro, tc, run.guard, step))
             else:  # every group had equal rewards even after refilling: nothing to learn from this step
                 rec.update({"loss": 0.0, "skipped_updates": tc.ppo_epochs, "update_tokens": 0})
             t2 = time.perf_counter()
@@ -307,94 +288,11 @@ def train(tc: GRPOConfig, progress: bool = True, task=None) -> dict:
                         "rollout_tokens_per_s": ro.stats["completion_tokens"] / (t1 - t0),
                         "update_tokens_per_s": rec["update_tokens"] / max(t2 - t1, 1e-9),
                         "tokens_per_s": ro.stats["completion_tokens"] / (t2 - t0),
-                        "skipped_steps": guard.skipped})
-            log.write(rec)
-            last = rec
-            bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}",
-                            len=f"{rec['response_length']:.0f}")
-            bar.update(1)
-            if step == tc.steps or (tc.save_every and step % tc.save_every == 0):
-                state = {"train_config": dataclasses.asdict(tc), "guard": guard.state_dict()}
-                save_checkpoint(tc.out, step, model, optimizer, state, tc.model, tc.keep)
+                        "skipped_steps": run.guard.skipped})
+            run.log(rec, reward=rec["reward"], acc=rec["accuracy"], len=rec["response_length"])
+            run.save(step, train_config=dataclasses.asdict(tc))
     finally:
-        bar.close()
-        log.close()
-    return {"run_dir": tc.out, "steps": tc.steps, "reward": last.get("reward"), "accuracy": last.get("accuracy"),
-            "response_length": last.get("response_length"), "checkpoint": latest_checkpoint(tc.out)}
-
-
-# ---------------------------------------------------------------------------------------------- plots
-PLOTS = {
-    "reward.png": (("reward", "accuracy", "format_rate"), "reward / rate"),
-    "response_length.png": (("response_length",), "mean completion tokens"),
-    "kl_entropy.png": (("kl", "entropy", "clip_frac"), "value"),
-}
-
-
-def plot_grpo(run_dir: str) -> list[str]:
-    """reward.png (reward, accuracy, format rate), response_length.png, kl_entropy.png (KL, entropy, clip)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nanoseek.io_utils import atomic_write
-    from nanoseek.train.loop import read_metrics
-
-    rows = read_metrics(run_dir)
-    if not rows:
-        raise ValueError(f"{run_dir} has no metrics.jsonl to plot")
-    out = []
-    for name, (keys, ylabel) in PLOTS.items():
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), lw=1, label=key)
-        ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-        path = os.path.join(run_dir, name)
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-        plt.close(fig)
-        out.append(path)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = GRPOConfig()
-    p.add_argument("--model", required=True, metavar="DIR", help="starting checkpoint (with tokenizer.json)")
-    p.add_argument("--task", required=True, help="arithmetic | countdown | jsonl:PATH")
-    p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.add_argument("--difficulty", type=int, default=None)
-    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "warmup", "ppo_epochs",
-                 "micro_batch_size", "max_refill", "overlong_cache", "seed", "save_every", "keep", "max_bad_steps"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("temperature", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "eps_low", "eps_high", "beta"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation)
-    p.add_argument("--ratio", choices=RATIOS, default=d.ratio, help="sequence = GSPO")
-    p.add_argument("--scale", choices=("std", "none"), default=d.scale, help="advantage scaling (none = Dr. GRPO)")
-    p.add_argument("--prefill-think", action="store_true", help="end the prompt with <think> (R1's template)")
-    p.add_argument("--drop-equal-groups", action="store_true", help="DAPO dynamic sampling with refill")
-    p.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at max_new_tokens")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--json", action="store_true", help="print one JSON summary object last")
-
-
-def cmd_grpo(args: argparse.Namespace) -> None:
-    names = {f.name for f in dataclasses.fields(GRPOConfig)}
-    tc = GRPOConfig(**{k: v for k, v in vars(args).items() if k in names})
-    summary = train(tc, progress=not args.json)
-    if not args.no_plot:
-        summary["plots"] = plot_grpo(args.out)
-    print(json.dumps(summary) if args.json else
-          f"done: {summary['steps']} steps, reward {summary['reward']:.3f}, accuracy {summary['accuracy']:.3f}, "
-          f"checkpoint {summary['checkpoint']}")
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("grpo", help="GRPO reinforcement learning with rule-based rewards (R1-Zero style)")
-    add_arguments(p)
-    p.set_defaults(func=cmd_grpo)
+        run.close()
+    last = run.last
+    return run.summary(plot, reward=last.get("reward"), accuracy=last.get("accuracy"),
+                       response_length=last.get("response_length"))

@@ -11,7 +11,7 @@ and the policy maximises the clipped surrogate minus a KL penalty to a frozen re
     rho_it = pi(o_it | q, o_i,<t) / pi_old(o_it | q, o_i,<t)
     KL_it  = pi_ref/pi - log(pi_ref/pi) - 1                         (the k3 estimator: unbiased, >= 0)
 
-Later work changes a few pieces, all selectable here (REFERENCE section 6):
+Later work changes a few pieces, all selectable here (docs/grpo.md):
 
 - Dr. GRPO: no division by std ("scale='none'"), and no per-sequence 1/|o_i| ("aggregation='dr_grpo'": the
   token sum is divided by a constant B * max_len), which removes the bias towards long wrong answers.
@@ -78,6 +78,54 @@ def _masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return x.sum() if dim is None else x.sum(dim=dim)
 
 
+def _check_inputs(logp, old_logp, advantages, mask, eps_low, eps_high, beta, ref_logp, aggregation, ratio) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if ratio not in RATIOS:
+        raise ValueError(f"ratio must be one of {RATIOS}, got {ratio!r}")
+    if logp.ndim != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(f"logp, old_logp and mask must share shape [B, T]; got {tuple(logp.shape)}, "
+                         f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be [B]={logp.shape[0]}, got {tuple(advantages.shape)}")
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp (log-probabilities under the reference policy)")
+    if ref_logp is not None and ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp must be [B, T]={tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"clip ranges must be non-negative, got eps_low={eps_low}, eps_high={eps_high}")
+
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, max_len: int | None = None):
+    """Reduce per-token losses [B, T] over the batch (m = mask, |o_i| = sum_t m_it):
+        "grpo":    (1/B) sum_i (1/|o_i|) sum_t m_it l_it      (mean over tokens, then over sequences)
+        "dr_grpo": sum_it m_it l_it / (B * max_len)            (constant normaliser; max_len defaults to T)
+        "dapo":    sum_it m_it l_it / sum_it m_it              (token-level mean over the whole batch)"""
+    B, T = per_token.shape
+    if aggregation == "grpo":
+        return (_masked_sum(per_token, mask, dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    if aggregation == "dr_grpo":
+        return _masked_sum(per_token, mask) / (B * (T if max_len is None else max_len))
+    return _masked_sum(per_token, mask) / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def _clip_stats(rho, adv, mask, eps_low: float, eps_high: float, ratio: str) -> dict[str, torch.Tensor]:
+    """Share of tokens (sequences for GSPO) on the clipped branch, high and low, and the mean ratio."""
+    high = (rho > 1.0 + eps_high) & (adv > 0)
+    low = (rho < 1.0 - eps_low) & (adv < 0)
+    if ratio == "token":
+        total = mask.sum().clamp(min=1)
+        frac = lambda x: _masked_sum(x.float(), mask) / total  # noqa: E731
+        ratio_mean = frac(rho)
+    else:
+        frac = lambda x: x[:, 0].float().mean()  # noqa: E731
+        ratio_mean = rho[:, 0].mean()
+    return {"clip_frac": frac(high | low), "clip_high_frac": frac(high), "clip_low_frac": frac(low),
+            "ratio_mean": ratio_mean}
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -101,33 +149,15 @@ def policy_loss(
     with ratio="sequence": rho_it = s_i = exp(sum_t m_it (logp_it - old_logp_it) / |o_i|) for every token of
     o_i (GSPO; under aggregation="grpo" this is exactly GSPO's per-sequence objective and gradient).
 
-    Aggregation of l_it over the batch (m = mask, |o_i| = sum_t m_it):
-        "grpo":    (1/B) sum_i (1/|o_i|) sum_t m_it l_it      (mean over tokens, then over sequences)
-        "dr_grpo": sum_it m_it l_it / (B * max_len)            (constant normaliser; max_len defaults to T)
-        "dapo":    sum_it m_it l_it / sum_it m_it              (token-level mean over the whole batch)
+    Aggregation of l_it over the batch: see `aggregate` ("grpo", "dr_grpo", "dapo").
 
     Masked positions contribute nothing, even if their log-probabilities are inf or nan.
     Stats (detached 0-dim tensors): loss, clip_frac (share of tokens, or sequences for GSPO, where the clipped
     branch is active: rho > 1 + eps_high with A > 0 or rho < 1 - eps_low with A < 0), clip_high_frac,
     clip_low_frac, ratio_mean, kl (mean k3 over tokens, 0 if beta is 0 and no ref_logp is given).
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    if ratio not in RATIOS:
-        raise ValueError(f"ratio must be one of {RATIOS}, got {ratio!r}")
-    if logp.ndim != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
-        raise ValueError(f"logp, old_logp and mask must share shape [B, T]; got {tuple(logp.shape)}, "
-                         f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
+    _check_inputs(logp, old_logp, advantages, mask, eps_low, eps_high, beta, ref_logp, aggregation, ratio)
     B, T = logp.shape
-    if advantages.shape != (B,):
-        raise ValueError(f"advantages must be [B]={B}, got {tuple(advantages.shape)}")
-    if beta != 0.0 and ref_logp is None:
-        raise ValueError("beta > 0 needs ref_logp (log-probabilities under the reference policy)")
-    if ref_logp is not None and ref_logp.shape != logp.shape:
-        raise ValueError(f"ref_logp must be [B, T]={tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"clip ranges must be non-negative, got eps_low={eps_low}, eps_high={eps_high}")
-
     mask = mask.bool()
     zeros = torch.zeros_like(logp)
     # Zero the log-ratio on masked positions first, so padding (even -inf there) cannot leak nan into the grad.
@@ -148,31 +178,8 @@ def policy_loss(
         # Select before subtracting (as for log_ratio): masked positions give d = 0, hence KL = 0 and no nan.
         kl = kl_k3(torch.where(mask, logp, zeros), torch.where(mask, ref_logp.detach(), zeros))
         objective = objective - beta * kl
-    per_token = -objective
 
-    if aggregation == "grpo":
-        loss = (_masked_sum(per_token, mask, dim=1) / n_tok.clamp(min=1)).mean()
-    elif aggregation == "dr_grpo":
-        loss = _masked_sum(per_token, mask) / (B * (T if max_len is None else max_len))
-    else:
-        loss = _masked_sum(per_token, mask) / mask.sum().clamp(min=1)
-
-    with torch.no_grad():
-        high = (rho > 1.0 + eps_high) & (adv > 0)
-        low = (rho < 1.0 - eps_low) & (adv < 0)
-        if ratio == "token":
-            total = mask.sum().clamp(min=1)
-            frac = lambda x: _masked_sum(x.float(), mask) / total  # noqa: E731
-            ratio_mean = frac(rho)
-        else:
-            frac = lambda x: x[:, 0].float().mean()  # noqa: E731
-            ratio_mean = rho[:, 0].mean()
-        stats = {
-            "loss": loss.detach(),
-            "clip_frac": frac(high | low),
-            "clip_high_frac": frac(high),
-            "clip_low_frac": frac(low),
-            "ratio_mean": ratio_mean,
-            "kl": _masked_sum(kl, mask) / mask.sum().clamp(min=1),
-        }
+    loss = aggregate(-objective, mask, aggregation, max_len)
+    stats = {"loss": loss.detach(), **_clip_stats(rho, adv, mask, eps_low, eps_high, ratio),
+             "kl": (_masked_sum(kl, mask) / mask.sum().clamp(min=1)).detach()}
     return loss, stats

@@ -1,13 +1,20 @@
-"""Pieces every training loop shares (pretraining now; SFT and GRPO reuse them): the learning-rate schedule,
-the optimizer with fp32 master weights, the non-finite-step guard, and the metrics log."""
+"""The skeleton every training run shares (pretraining, SFT, GRPO, distillation): `Run` owns the run directory,
+resume, metrics.jsonl, the progress bar, the save cadence with `latest` and keep-N, the non-finite guard and the
+plots; the learning-rate schedule and the optimizer with fp32 master weights are here too. Each training command
+keeps only what differs: its data, its loss and its metrics."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 
 import torch
+from tqdm import tqdm
+
+from nanoseek.io_utils import atomic_write_text
+from nanoseek.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine", min_ratio: float = 0.1,
@@ -31,7 +38,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosi
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95)):
     """AdamW (V3's betas and weight decay) over the model's fp32 master weights; no decay on norms and biases."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -77,7 +84,6 @@ class MetricsLog:
     def __init__(self, run_dir: str, resume_step: int = 0):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
-        from nanoseek.io_utils import atomic_write_text
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self.file = open(self.path, "a")
 
@@ -104,3 +110,84 @@ def read_metrics(path: str) -> list[dict]:
                 except json.JSONDecodeError:  # a line cut by a crash: everything before it is still good
                     break
     return rows
+
+
+class Run:
+    """One training run in RUN_DIR: checkpoints/step_N with `latest`, metrics.jsonl, a progress bar, the
+    non-finite guard. A loop written with it keeps only its own step:
+
+        run = Run(out, steps, "sft", model, optimizer, save_every=..., keep=..., tokenizer_dir=...)
+        state = run.start(resume)            # {} for a fresh run, else the resumed checkpoint's trainer state
+        for step in run:                     # start + 1 .. steps, the bar advancing
+            ...; applied = run.guard.check(step, loss, grad_norm)
+            run.log(rec, loss=rec["loss"])   # metrics.jsonl and the bar's postfix
+            run.save(step, tokens_seen=...)  # a checkpoint every save_every steps and at the end
+        run.close()                          # also when the loop raised (the bar and the log are closed)
+
+    The guard's counters and the number of steps travel in every checkpoint; resuming with another number of
+    steps is refused, since the schedule would change. `save_fn` / `load_fn` replace the single-process
+    checkpoint I/O (distributed runs gather and scatter shards); `is_main` False makes a rank silent."""
+
+    def __init__(self, out: str, steps: int, name: str, model, optimizer, *, save_every: int = 0,
+                 keep: int | None = None, max_bad_steps: int = 5, tokenizer_dir: str | None = None,
+                 progress: bool = True, is_main: bool = True, plot: Callable[[str], list] | None = None,
+                 save_fn: Callable[[int, dict], None] | None = None, load_fn: Callable[[str], dict] | None = None):
+        self.out, self.steps, self.name, self.model, self.optimizer = out, steps, name, model, optimizer
+        self.save_every, self.keep, self.tokenizer_dir = save_every, keep, tokenizer_dir
+        self.progress, self.is_main, self.plot_fn = progress, is_main, plot
+        self.save_fn = save_fn or self._save
+        self.load_fn = load_fn or (lambda path: load_checkpoint(path, model, optimizer))
+        self.guard = NonFiniteGuard(max_bad_steps)
+        self.start_step, self.last, self.log_file, self.bar = 0, {}, None, None
+
+    def start(self, resume: bool) -> dict:
+        state: dict = {}
+        if resume:
+            path = latest_checkpoint(self.out)
+            if path is None:
+                raise ValueError(f"--resume: {self.out} has no complete checkpoint to resume from")
+            state = self.load_fn(path)
+            if state["run_steps"] != self.steps:
+                raise ValueError(f"--resume with {self.steps} steps, but the run was started with "
+                                 f"{state['run_steps']}: the schedule would change")
+            self.guard.load_state_dict(state["guard"])
+            self.start_step = state["step"]
+        if self.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            self.log_file = MetricsLog(self.out, self.start_step)
+        self.bar = tqdm(total=self.steps, initial=self.start_step, desc=self.name, dynamic_ncols=True,
+                        disable=not (self.progress and self.is_main))
+        return state
+
+    def __iter__(self) -> Iterator[int]:
+        for step in range(self.start_step + 1, self.steps + 1):
+            yield step
+            self.bar.update(1)
+
+    def log(self, record: dict, **postfix: float) -> None:
+        if self.log_file is not None:
+            self.log_file.write(record)
+        self.last = record
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()})
+
+    def save(self, step: int, **state) -> None:
+        """Checkpoint when `step` is due (every save_every steps, and the last); `state` joins trainer_state."""
+        if step == self.steps or (self.save_every and step % self.save_every == 0):
+            self.save_fn(step, {**state, "run_steps": self.steps, "guard": self.guard.state_dict()})
+
+    def _save(self, step: int, state: dict) -> None:
+        save_checkpoint(self.out, step, self.model, self.optimizer, state, self.tokenizer_dir, self.keep)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log_file is not None:
+            self.log_file.close()
+
+    def summary(self, plot: bool = False, **extra) -> dict:
+        """What every command reports at the end, and the run's plots when asked for."""
+        out = {"run_dir": self.out, "steps": self.steps, "skipped_steps": self.guard.skipped,
+               "checkpoint": latest_checkpoint(self.out), **extra}
+        if plot and self.is_main and self.plot_fn is not None:
+            out["plots"] = self.plot_fn(self.out)
+        return out

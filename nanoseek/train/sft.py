@@ -20,7 +20,6 @@ Checkpoints, `latest`, metrics.jsonl and --resume are as in pretraining; batch o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -31,10 +30,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from nanoseek.train.loop import MetricsLog, NonFiniteGuard, lr_at, make_optimizer
-from nanoseek.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.model import Transformer
+from nanoseek.plot import plot_run
+from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train.loop import Run, lr_at, make_optimizer
 
 
 @dataclass
@@ -160,11 +160,8 @@ def sft_loss(model, ids: torch.Tensor, target: torch.Tensor, positions: torch.Te
 
 
 # ---------------------------------------------------------------------------------------------- loop
-def train(tc: SFTConfig, progress: bool = True) -> dict:
+def train(tc: SFTConfig, progress: bool = True, plot: bool = False) -> dict:
     """Run (or resume) SFT of tc.model on tc.data; returns a summary."""
-    from nanoseek.model import Transformer
-    from nanoseek.tokenizer import load_tokenizer
-
     if not tc.model or not tc.data:
         raise ValueError("--model (a checkpoint with tokenizer.json) and --data (JSONL) are required")
     tokenizer = load_tokenizer(tc.model)
@@ -181,24 +178,11 @@ def train(tc: SFTConfig, progress: bool = True) -> dict:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "
                          f"({model.config.max_position_embeddings})")
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
-    guard = NonFiniteGuard(tc.max_bad_steps)
-    start, tokens_seen = 0, 0
-    if tc.resume:
-        path = latest_checkpoint(tc.out)
-        if path is None:
-            raise ValueError(f"--resume: {tc.out} has no complete checkpoint to resume from")
-        state = load_checkpoint(path, model, optimizer)
-        if state["steps"] != steps:
-            raise ValueError(f"--resume with {steps} steps, but the run was started with {state['steps']}: "
-                             "the schedule would change")
-        guard.load_state_dict(state["guard"])
-        start, tokens_seen = state["step"], state["tokens_seen"]
-    os.makedirs(tc.out, exist_ok=True)
-    log = MetricsLog(tc.out, start)
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc="sft", dynamic_ncols=True)
-    last: dict = {}
+    run = Run(tc.out, steps, "sft", model, optimizer, save_every=tc.save_every, keep=tc.keep,
+              max_bad_steps=tc.max_bad_steps, tokenizer_dir=tc.model, progress=progress, plot=plot_run)
     try:
-        for step in range(start + 1, steps + 1):
+        tokens_seen = run.start(tc.resume).get("tokens_seen", 0)
+        for step in run:
             t0 = time.perf_counter()
             step_lr = lr_at(step, steps, tc.lr, warmup, "cosine", tc.min_lr_ratio)
             for group in optimizer.param_groups:
@@ -207,57 +191,20 @@ def train(tc: SFTConfig, progress: bool = True) -> dict:
             loss, n = sft_loss(model, rows.ids[idx], rows.target[idx], rows.positions[idx], rows.doc[idx])
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            applied = guard.check(step, loss.item(), grad_norm)
+            applied = run.guard.check(step, loss.item(), grad_norm)
             if applied:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             real = int((rows.doc[idx] >= 0).sum())
             tokens_seen += real
-            dt = time.perf_counter() - t0
             rec = {"step": step, "loss": loss.item(), "lr": step_lr, "grad_norm": grad_norm, "target_tokens": n,
-                   "tokens": tokens_seen, "tokens_per_s": real / dt, "skipped_steps": guard.skipped}
+                   "tokens": tokens_seen, "tokens_per_s": real / (time.perf_counter() - t0),
+                   "skipped_steps": run.guard.skipped}
             if not applied:
                 rec["skipped"] = True
-            log.write(rec)
-            last = rec
-            bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            bar.update(1)
-            if step == steps or (tc.save_every and step % tc.save_every == 0):
-                state = {"train_config": dataclasses.asdict(tc), "steps": steps, "guard": guard.state_dict(),
-                         "tokens_seen": tokens_seen}
-                save_checkpoint(tc.out, step, model, optimizer, state, tc.model, tc.keep)
+            run.log(rec, loss=rec["loss"])
+            run.save(step, train_config=dataclasses.asdict(tc), tokens_seen=tokens_seen)
     finally:
-        bar.close()
-        log.close()
-    return {"run_dir": tc.out, "steps": steps, "final_loss": last.get("loss"), "conversations": len(encoded),
-            "packed_rows": n_rows, "truncated": rows.truncated, "checkpoint": latest_checkpoint(tc.out)}
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def cmd_sft(args: argparse.Namespace) -> None:
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    summary = train(SFTConfig(**{k: v for k, v in vars(args).items() if k in names}), progress=not args.json)
-    if not args.no_plot:
-        from nanoseek.plot import plot_run
-        summary["plots"] = plot_run(args.out)
-    print(json.dumps(summary) if args.json else
-          f"done: {summary['steps']} steps on {summary['conversations']} conversations ({summary['packed_rows']} "
-          f"packed rows), loss {summary['final_loss']:.3f}, checkpoint {summary['checkpoint']}")
-
-
-def add_cli(subparsers) -> None:
-    d = SFTConfig()
-    p = subparsers.add_parser("sft",
-                              help="supervised fine-tuning on chat / reasoning traces (loss on assistant tokens)")
-    p.add_argument("--model", required=True, metavar="DIR", help="starting checkpoint (with tokenizer.json)")
-    p.add_argument("--data", required=True, metavar="FILE.jsonl",
-                   help='{"messages": [...]} or {"prompt", "completion"} per line')
-    p.add_argument("--out", required=True, metavar="RUN_DIR")
-    for name in ("steps", "batch_size", "seq_len", "warmup", "seed", "save_every", "keep", "max_bad_steps"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("epochs", "lr", "min_lr_ratio", "weight_decay", "grad_clip"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--json", action="store_true", help="print one JSON summary object last")
-    p.set_defaults(func=cmd_sft)
+        run.close()
+    return run.summary(plot, final_loss=run.last.get("loss"), conversations=len(encoded), packed_rows=n_rows,
+                       truncated=rows.truncated)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanoseek.io_utils import atomic_directory, atomic_write_text, fsync_dir
+from nanoseek.tokenizer import copy_tokenizer
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -57,7 +58,6 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: di
     with atomic_directory(final) as tmp:
         model.save_pretrained(tmp)
         if tokenizer_dir:
-            from nanoseek.tokenizer import copy_tokenizer
             copy_tokenizer(tokenizer_dir, tmp)
         tensors, groups = optimizer_tensors(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
@@ -106,8 +106,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def load_checkpoint(path: str, model, optimizer) -> dict:
     """Restore model weights (and router biases), optimizer moments and RNG in place; return trainer_state."""
-    from nanoseek.checkpoint import load_pretrained
-    loaded = load_pretrained(path, dtype=next(model.parameters()).dtype)
+    loaded = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
     missing = model.load_state_dict(loaded.state_dict(), strict=False)
     if missing.missing_keys or missing.unexpected_keys:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing.missing_keys[:3]}, "

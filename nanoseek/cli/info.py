@@ -1,27 +1,13 @@
-"""The `nanoseek` command (also `python -m nanoseek`). Each subcommand is a thin shell over a module."""
+"""`nanoseek info PRESET_OR_DIR`: parameters, active parameters, KV-cache bytes and FLOPs, and with --world-size a
+per-rank training memory plan."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
-import os
-import sys
 
-# Modules that register their own subcommands with `add_cli(subparsers)`, imported only if present.
-PLUGIN_MODULES = ("nanoseek.demo", "nanoseek.tokenizer", "nanoseek.data", "nanoseek.train.pretrain", "nanoseek.plot",
-                  "nanoseek.chat", "nanoseek.train.sft", "nanoseek.train.grpo", "nanoseek.eval",
-                  "nanoseek.convert")
-
-
-def _load_config(preset_or_dir: str):
-    from nanoseek.config import PRESETS, ModelConfig
-    if os.path.isdir(preset_or_dir) or preset_or_dir.endswith(".json"):
-        return ModelConfig.from_json(preset_or_dir)
-    if preset_or_dir in PRESETS:
-        return ModelConfig.from_preset(preset_or_dir)
-    raise SystemExit(f"nanoseek: {preset_or_dir!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
-                     "directory with a config.json")
+from nanoseek.accounting import memory_per_rank, summary
+from nanoseek.cli.common import parser
+from nanoseek.config import ModelConfig
 
 
 def _human(n: float) -> str:
@@ -31,7 +17,7 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
-def info_table(name: str, c, s: dict) -> str:
+def info_table(name: str, c: ModelConfig, s: dict) -> str:
     kv, fl, by = s["kv_cache_bytes_per_token"], s["flops_per_token"], s["by_part"]
     rows = [
         f"nanoseek info: {name} ({c.model_type}, {c.num_hidden_layers} layers, d={c.hidden_size}, "
@@ -58,12 +44,10 @@ def info_table(name: str, c, s: dict) -> str:
     return "\n".join(rows)
 
 
-def cmd_info(args) -> None:
-    from nanoseek.accounting import summary
-    c = _load_config(args.model)
+def run(args) -> None:
+    c = ModelConfig.load(args.model)
     s = summary(c)
     if args.world_size:
-        from nanoseek.accounting import memory_per_rank
         s["memory_per_rank"] = memory_per_rank(c, args.world_size, args.ep, args.tokens_per_rank, args.train_dtype)
     if args.json:
         print(json.dumps(s))
@@ -78,38 +62,13 @@ def cmd_info(args) -> None:
             print(f"  {key.replace('_bytes', ''):<12}{m[key] / gib:>10.1f} GiB")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in one small PyTorch codebase")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("info", help="parameters, active parameters, KV-cache bytes and FLOPs of a preset or checkpoint")
+def register(sub) -> None:
+    s = parser(sub, "info", "parameters, active parameters, KV-cache bytes and FLOPs of a preset or checkpoint")
     s.add_argument("model", metavar="PRESET_OR_DIR")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--world-size", type=int, default=0, help="also plan training memory per rank on N ranks")
     s.add_argument("--ep", type=int, default=1, help="expert-parallel degree for --world-size")
     s.add_argument("--tokens-per-rank", type=int, default=4096, help="micro-batch tokens per rank for --world-size")
-    s.add_argument("--train-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    s.set_defaults(func=cmd_info)
-
-    for name in PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as e:
-            if e.name != name:  # the module exists but is broken: say so
-                raise
-            continue
-        module.add_cli(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, not a traceback
-        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
+    s.add_argument("--train-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="weights and gradients (default: bfloat16)")
+    s.set_defaults(func=run)
