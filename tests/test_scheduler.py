@@ -180,3 +180,36 @@ def test_prompt_logprobs_equal_full_forward():
     got = [lp for lp, _ in r.prompt_logprob_values]
     assert len(got) == len(p) - 1 and max(abs(x - y) for x, y in zip(got, want)) < 1e-4
     assert r.output == [] and r.finish_reason == "length"
+
+
+def test_generate_batched_prefills_each_grpo_group_once():
+    """eval.generate_batched (GRPO and eval rollouts): P prompts x G samples prefill P rows, not P * G."""
+    from nanoseek.eval import generate_batched
+
+    model = tiny_model()
+    p, q = prompts(2, seed=10, lo=20, hi=21)
+    seen, hook = count_prefill_tokens(model)
+    try:
+        out = generate_batched(model, [p] * 4 + [q] * 4, SamplingParams(3, temperature=1.0, seed=0))
+    finally:
+        hook.remove()
+    assert seen[0] == (2, 20) and seen[1:] == [(8, 1)] * 2
+    assert len(out) == 8 and all(len(o) == 3 for o in out)
+
+
+def test_stream_left_early_frees_its_rows():
+    engine = Engine(tiny_model(), max_batch_size=2, max_seq_len=96)
+    ps = prompts(2, seed=11)
+    it = engine.stream(ps, greedy(20))
+    next(it)
+    it.close()  # the consumer stops: the requests are aborted, the rows free
+    assert not engine.scheduler.has_work() and sorted(engine.scheduler.free_rows) == [0, 1]
+    assert engine.generate(ps, greedy(5)) == [solo(p, greedy(5)) for p in ps]
+
+
+def test_speculative_with_chunked_prefill_equals_plain():
+    """MTP drafting after a prompt prefilled in chunks (its hidden states gathered across chunks)."""
+    ps = prompts(3, seed=12, lo=20, hi=50)
+    engine = Engine(tiny_model(), max_batch_size=3, max_seq_len=96, kv_cache_dtype="fp32", prefill_chunk=8)
+    assert engine.generate(ps, greedy(8), speculative=True) == [solo(p, greedy(8)) for p in ps]
+    assert engine.stats.drafted > 0

@@ -6,6 +6,10 @@ A request owns one row of the latent cache from admission to retirement; rows ar
 identical prompt admitted while one of them is still prefilling (a GRPO group) follow that leader: when its
 prefill ends they copy its row and sample from its logits, so the group's prompt is computed once. Otherwise the
 prefix cache (nanoseek/engine/prefix_cache.py) supplies the longest cached prefix of the prompt.
+
+Greedy output equals generating each prompt alone (tests/test_scheduler.py): a request's chunk boundaries depend only
+on the request, and batch composition changes its logits only at float-rounding level (padded shapes reorder
+reductions; about 1e-6 on the tiny test models), so only an exact near-tie could flip a token.
 """
 
 from __future__ import annotations
