@@ -295,3 +295,22 @@ def test_cli_flags():
     with pytest.raises(ValueError, match="--port"):
         mod.check(p.parse_args(["serve", "--model", "m", "--port", "0"]))
     assert json.dumps(vars(a), default=str)
+
+
+def test_text_state_stop_strings_and_reasoning_split(checkpoint):
+    """Streamed pieces never show a stop string, even one that spans tokens; reasoning ends at </think>."""
+    from nanoseek.serve.protocol import TextState
+
+    tok = load_tokenizer(checkpoint)
+    ids = tok.encode("<think>two and</think> four. héllo wörld")
+    st = TextState(tok, True, ["llo w"])
+    pieces = [st.push(t) for t in ids] + [st.flush()]
+    reasoning, content = "".join(p[0] for p in pieces), "".join(p[1] for p in pieces)
+    assert (reasoning, content) == ("two and", " four. hé") == (st.reasoning, st.content) and st.stopped
+    st = TextState(tok, True, [])
+    for t in tok.encode("no closing tag"):
+        st.push(t)
+    st.flush()
+    assert (st.reasoning, st.content) == ("no closing tag", "")  # no </think>: all reasoning, as R1 parsers do
+    st = TextState(tok, False, ["zz"])
+    assert "".join(st.push(t)[1] for t in tok.encode("a z b")) + st.flush()[1] == "a z b" and not st.stopped

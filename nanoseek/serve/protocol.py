@@ -122,8 +122,9 @@ def chat_messages(req: ChatRequest) -> list[dict]:
 
 class TextState:
     """The text of one generated sequence, fed a token at a time: `push(token)` returns (reasoning piece, content
-    piece). `reasoning=False` (completions) sends everything to content. A stop string ends the sequence: the
-    text is cut before it and `stopped` is set (a piece already sent is not taken back)."""
+    piece). `reasoning=False` (completions) sends everything to content. A stop string ends the sequence: the text
+    is cut before it and `stopped` is set. Text that could be the start of a stop string, or an incomplete UTF-8
+    character, is held back until the next token decides; `flush()` releases it at the end."""
 
     def __init__(self, tok, reasoning: bool, stop: list[str]):
         self.tok, self.stop = tok, stop
@@ -131,9 +132,13 @@ class TextState:
         self.think_close = tok.token_id("</think>") if reasoning else None
         self.in_reasoning = reasoning
         self.ids = {True: [], False: []}
-        self.text = {True: "", False: ""}
+        self.text = {True: "", False: ""}  # text sent so far, per channel (True: reasoning)
         self.stopped = False
         self.reasoning_tokens = 0
+
+    def _held(self, text: str) -> int:
+        """Characters at the end of `text` that begin some stop string."""
+        return max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
     def push(self, token: int) -> tuple[str, str]:
         if self.stopped:
@@ -151,17 +156,18 @@ class TextState:
         text = self.tok.decode(self.ids[channel], skip_special=True)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of the character
             return "", ""
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.stopped = True
+            text = text[: min(cuts)]
+        else:
+            text = text[: len(text) - self._held(text)]
         new = text[len(self.text[channel]):]
-        for s in self.stop:
-            cut = text.find(s, max(0, len(self.text[channel]) - len(s) + 1))
-            if cut >= 0:
-                self.stopped = True
-                new, text = text[len(self.text[channel]): cut], text[:cut]
-        self.text[channel] = text
+        self.text[channel] += new
         return (new, "") if channel else ("", new)
 
     def flush(self) -> tuple[str, str]:
-        """At the end: text held back waiting for the rest of a UTF-8 character (it never came), per channel."""
+        """At the end: what was held back (a possible stop-string start, an unfinished character), per channel."""
         out = []
         for channel in (True, False):
             text = "" if self.stopped else self.tok.decode(self.ids[channel], skip_special=True)
