@@ -63,3 +63,14 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[tuple[float, list]]:
+    """logits [n, vocab] and the n tokens chosen -> per token (its log-probability, [(id, logprob)] of the k most
+    likely; empty for k = 0)."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    if k <= 0:
+        return [(c, []) for c in chosen]
+    v, i = lp.topk(k, dim=-1)
+    return [(c, list(zip(ii, vv))) for c, ii, vv in zip(chosen, i.tolist(), v.tolist())]

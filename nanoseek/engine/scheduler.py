@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from nanoseek.engine.sampling import SamplingParams, sample
+from nanoseek.engine.sampling import SamplingParams, sample, token_logprobs
 
 _ids = itertools.count()
 
@@ -77,7 +77,6 @@ class Scheduler:
         self.running: list[Request] = []
         self.free_rows = list(range(engine.max_batch_size))
         self.prefilling: dict[tuple, Request] = {}  # prompt -> the leader prefilling it now
-        self.prompt_tokens = self.generation_tokens = 0  # counters for /metrics
 
     # ------------------------------------------------------------------ requests in and out
     def add(self, req: Request) -> None:
@@ -141,7 +140,6 @@ class Scheduler:
             self.free_rows.sort()
             req.row = self.free_rows.pop(0)  # lowest free row: live rows stay mostly contiguous
             self.running.append(req)
-            self.prompt_tokens += len(req.prompt)
             key = tuple(req.prompt)
             share = not (req.speculative or req.prompt_logprobs)  # these need the whole prompt computed
             leader = self.prefilling.get(key) if share else None
@@ -219,13 +217,9 @@ class Scheduler:
         return events
 
     def _prompt_logprobs(self, r: Request, h: torch.Tensor, c: int) -> None:
-        """Log-probabilities of prompt tokens n+1 .. n+c (those this chunk's positions predict) and top-1."""
-        lp = self.engine.logits(h[:c]).log_softmax(-1)
+        """Log-probabilities of prompt tokens n+1 .. n+c (those this chunk's positions predict), with the top ones."""
         nxt = r.prompt[r.n + 1: r.n + c + 1]
-        k = max(r.logprobs or 1, 1)
-        top_v, top_i = lp.topk(k, dim=-1)
-        for i, t in enumerate(nxt):
-            r.prompt_logprob_values.append((float(lp[i, t]), list(zip(top_i[i].tolist(), top_v[i].tolist()))))
+        r.prompt_logprob_values += token_logprobs(self.engine.logits(h[: len(nxt)]), nxt, max(r.logprobs or 1, 1))
 
     def _emit(self, reqs: list[Request], logits: torch.Tensor, finished: list[Request]) -> list[Event]:
         """Sample one token per request from logits [b, vocab], record it, retire finished requests."""
@@ -239,14 +233,9 @@ class Scheduler:
     def _token(self, r: Request, tok: int, logits: torch.Tensor, finished: list[Request]) -> Event:
         r.output.append(tok)
         r.pending = tok
-        self.generation_tokens += 1
         lp = top = None
         if r.logprobs is not None:
-            all_lp = logits.log_softmax(-1)
-            lp = float(all_lp[tok])
-            if r.logprobs > 0:
-                v, i = all_lp.topk(r.logprobs)
-                top = list(zip(i.tolist(), v.tolist()))
+            (lp, top), = token_logprobs(logits[None], [tok], r.logprobs)
         ev = Event(r, tok, logits.clone() if r.return_logits else None, lp, top)
         if tok in r.params.stop_token_ids or len(r.output) >= r.params.max_new_tokens:
             self._finish(r, "stop" if tok in r.params.stop_token_ids else "length")
