@@ -280,6 +280,8 @@ def test_health_503_when_the_engine_loop_dies(checkpoint):
                                                            "messages": [{"role": "user", "content": "hi"}]})
         assert error_of(r, 503)["code"] == "engine_error" and "boom" in r.json()["error"]["message"]
         assert httpx.get(url + "/health").status_code == 503
+        r = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2}, timeout=10)
+        assert error_of(r, 503)["code"] == "engine_error"  # later requests are refused, not left hanging
 
 
 # ---------------------------------------------------------------------------------------------- CLI

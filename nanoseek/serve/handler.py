@@ -26,6 +26,9 @@ class Job:
         self.disconnected = False
 
     def submit(self) -> None:
+        if not self.loop.alive():
+            raise APIError(503, f"the engine loop is not running ({self.loop.error!r}): restart the server",
+                           code="engine_error")
         if self.loop.queued + len(self.reqs) > self.loop.max_queue:
             raise APIError(429, f"the request queue is full ({self.loop.max_queue} requests): retry later",
                            code="queue_full")
