@@ -213,3 +213,21 @@ def test_speculative_with_chunked_prefill_equals_plain():
     engine = Engine(tiny_model(), max_batch_size=3, max_seq_len=96, kv_cache_dtype="fp32", prefill_chunk=8)
     assert engine.generate(ps, greedy(8), speculative=True) == [solo(p, greedy(8)) for p in ps]
     assert engine.stats.drafted > 0
+
+
+def test_aborted_group_member_does_not_receive_its_leaders_copy():
+    """A follower aborted while its leader still prefills: the row it held goes to another request, which must not
+    be overwritten when the leader's prefill ends."""
+    p = prompts(1, seed=13, lo=40, hi=41)[0]
+    q = prompts(1, seed=14, lo=5, hi=6)[0]
+    engine = Engine(tiny_model(), max_batch_size=2, max_seq_len=96, kv_cache_dtype="fp32", prefix_cache_tokens=0,
+                    prefill_chunk=8)
+    sched = engine.scheduler
+    leader, follower, other = Request(p, greedy(4)), Request(p, greedy(4)), Request(q, greedy(6))
+    sched.add(leader)
+    sched.add(follower)
+    sched.step()  # leader prefills its first chunk; the follower waits on it
+    assert follower.leader is leader
+    sched.abort(follower)
+    out, _ = drain(engine, {0: [other]})
+    assert out[other.id] == solo(q, greedy(6)) and leader.output == solo(p, greedy(4))

@@ -109,6 +109,9 @@ class Scheduler:
             req.row = None
         if self.prefilling.get(tuple(req.prompt)) is req:
             del self.prefilling[tuple(req.prompt)]
+        if req.leader is not None:  # a follower gone: its leader must not copy into a row that is no longer its
+            req.leader.followers.remove(req)
+            req.leader = None
         for f in req.followers:  # a leader gone before its prefill ended: followers prefill themselves
             f.leader = None
         req.followers, req.hidden = [], []
