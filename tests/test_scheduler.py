@@ -231,3 +231,10 @@ def test_aborted_group_member_does_not_receive_its_leaders_copy():
     sched.abort(follower)
     out, _ = drain(engine, {0: [other]})
     assert out[other.id] == solo(q, greedy(6)) and leader.output == solo(p, greedy(4))
+
+
+def test_tiny_temperature_samples_like_greedy():
+    """A temperature of 1e-40 must not overflow the logits into NaN (it would stop a server's engine loop)."""
+    p = prompts(1, seed=15)[0]
+    engine = Engine(tiny_model(), max_batch_size=1, max_seq_len=96)
+    assert engine.generate([p], SamplingParams(5, temperature=1e-40, seed=0)) == engine.generate([p], greedy(5))

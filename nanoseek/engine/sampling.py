@@ -50,7 +50,8 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None)
     """logits [b, vocab] (fp32) -> token ids [b]: argmax when temperature is 0, else temperature, top-k, top-p."""
     if p.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / p.temperature
+    # a floor on the temperature: dividing by a tiny one overflows to inf and the softmax to NaN (greedy anyway)
+    logits = logits / max(p.temperature, 1e-4)
     if p.top_k > 0 and p.top_k < logits.shape[-1]:
         kth = logits.topk(p.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
