@@ -40,6 +40,8 @@ def drain(engine, reqs_by_step: dict[int, list[Request]], max_steps=500):
             sched.add(r)
         for ev in sched.step()[0]:
             out.setdefault(ev.request.id, []).append(ev.token)
+        # live rows stay 0 .. b-1 (a retirement moves the highest row into the hole)
+        assert sorted(r.row for r in sched.running) == list(range(len(sched.running)))
         step += 1
     assert not sched.has_work()
     return out, step

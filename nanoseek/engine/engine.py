@@ -229,7 +229,10 @@ class Engine:
         return self.model.lm_head(h[:, -1]).float()
 
     @torch.inference_mode()
-    def copy_row(self, src: int, dst: int, upto: int) -> None:
-        """Cache row dst <- row src for positions < upto (a group member taking its leader's prompt)."""
-        for buf in self.cache.tensors():
-            buf[dst, :upto] = buf[src, :upto]
+    def copy_row(self, src: int, dst: int, upto: int, mtp: bool = False) -> None:
+        """Cache row dst <- row src for positions < upto (a group member taking its leader's prompt, a request
+        moving to a lower row); with mtp, the MTP module's cache row too."""
+        caches = [self.cache] + ([self.mtp_cache] if mtp and self.mtp_cache is not None else [])
+        for cache in caches:
+            for buf in cache.tensors():
+                buf[dst, :upto] = buf[src, :upto]

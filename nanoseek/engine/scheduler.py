@@ -2,7 +2,8 @@
 them in chunks alongside the rows that decode, samples one token per decoding row (two for a speculative row whose
 draft was accepted), and retires finished requests at once so their rows are free for the next step.
 
-A request owns one row of the latent cache from admission to retirement; rows are never moved. Requests with an
+A request owns one row of the latent cache from admission to retirement; when a request retires, the one in the
+highest row moves into its place, so live rows stay 0 .. b-1 and every forward reads a slice. Requests with an
 identical prompt admitted while one of them is still prefilling (a GRPO group) follow that leader: when its
 prefill ends they copy its row and sample from its logits, so the group's prompt is computed once. Otherwise the
 prefix cache (nanoseek/engine/prefix_cache.py) supplies the longest cached prefix of the prompt.
@@ -105,8 +106,14 @@ class Scheduler:
         req.finish_reason = reason
         if req.row is not None:
             self.running.remove(req)
-            self.free_rows.append(req.row)
-            req.row = None
+            hole, req.row = req.row, None
+            # keep live rows contiguous (0 .. b-1), so forwards read the cache through a slice instead of gathering
+            # rows every layer and step: the request in the highest row moves into the hole (one row copy)
+            last = max(self.running, key=lambda r: r.row, default=None)
+            if last is not None and last.row > hole:
+                self.engine.copy_row(last.row, hole, last.n, mtp=last.speculative)
+                hole, last.row = last.row, hole
+            self.free_rows.append(hole)
         if self.prefilling.get(tuple(req.prompt)) is req:
             del self.prefilling[tuple(req.prompt)]
         if req.leader is not None:  # a follower gone: its leader must not copy into a row that is no longer its
@@ -126,8 +133,8 @@ class Scheduler:
         finished: list[Request] = []
         if prefill:
             events += self._prefill(prefill, finished)
-        plain = [r for r in decoding if not r.speculative]
-        spec = [r for r in decoding if r.speculative]
+        plain = sorted((r for r in decoding if not r.speculative), key=lambda r: r.row)
+        spec = sorted((r for r in decoding if r.speculative), key=lambda r: r.row)
         if plain:
             logits = self.engine.decode([r.row for r in plain], [r.n for r in plain], [r.pending for r in plain])
             for r in plain:
@@ -167,6 +174,7 @@ class Scheduler:
                 break
             chunks.append((r, c))
             budget -= c
+        chunks.sort(key=lambda rc: rc[0].row)  # ascending rows: a slice of the cache when they are contiguous
         want_all = [r.prompt_logprobs or r.speculative for r, _ in chunks]
         h_last, h_all = self.engine.prefill([r.row for r, _ in chunks], [r.n for r, _ in chunks],
                                             [r.prompt[r.n: r.n + c] for r, c in chunks], want_all)
@@ -253,12 +261,14 @@ class Scheduler:
             e, e.rows_index([r.row for r in reqs]), n, torch.tensor([r.pending for r in reqs], device=e.device),
             torch.tensor([r.draft for r in reqs], device=e.device), e.step_mask)
         e.stats.steps += 1
+        acc = accepted.tolist()
+        for r, a in zip(reqs, acc):  # every row's length first: a retirement below may move a row (copying < n)
+            r.n += 1 + a
         events = []
         for j, r in enumerate(reqs):
-            a = int(accepted[j])
+            a = acc[j]
             e.stats.drafted += 1
             e.stats.accepted += a
-            r.n += 1 + a
             for k in range(a + 1):  # accepted drafts are the main model's own greedy choices
                 events.append(self._token(r, int(verify[j, k].argmax()), verify[j, k], finished))
                 if r.finished:
