@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
@@ -34,64 +33,21 @@ import torch
 from nanoseek import Transformer, load_tokenizer
 from nanoseek.data import prepare_data
 from nanoseek.eval import EvalConfig, evaluate
-from nanoseek.tasks import SYSTEM_PROMPT, Example
 from nanoseek.tasks.arithmetic import ArithmeticTask
-from nanoseek.tokenizer import EOS, render_chat, train_tokenizer
+from nanoseek.tasks.curriculum import conversation, hard_task, write_corpus
+from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train import grpo, pretrain, sft
 from nanoseek.train.loop import read_metrics
 
-HARD = ArithmeticTask(digits=1, n_operands=4, ops="+")  # set from --hard-operands in main()
+HARD = hard_task(4)  # set from --hard-operands in main()
 EASY_CHECK = ArithmeticTask(digits=1, n_operands=2, ops="+")  # did the base learn the easy case? (its test split)
-
-
-def easy_examples(n: int, seed: int, a_max: int = 27) -> list[Example]:
-    """EASY problems: one addition "a + b" with a in 0..a_max and b in 0..9, i.e. exactly the single steps a chained
-    HARD sum needs (a one-digit sum, then a running total up to 9 * (operands - 1) plus one digit). A different
-    problem family from HARD (two operands), so nothing here is a HARD test problem."""
-    rng = random.Random(f"r1zero-easy|{seed}")
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(0, a_max), rng.randint(0, 9)
-        expr = f"{a} + {b}"
-        out.append(Example(prompt=f"What is {expr}?", answer=a + b, meta={"expression": expr}))
-    return out
-
-
-def worked_completion(expression: str) -> str:
-    """The reasoning trace a careful solver writes: one running-sum step per '+', then the answer."""
-    nums = [int(x) for x in expression.split(" + ")]
-    steps, total = [], nums[0]
-    for x in nums[1:]:
-        steps.append(f"{total} + {x} = {total + x}")
-        total += x
-    return f"<think> {', '.join(steps)} </think> <answer> {total} </answer>"
-
-
-def direct_completion(expression: str) -> str:
-    """The terse answer most text shows: the whole sum in one step, no intermediate results."""
-    total = sum(int(x) for x in expression.split(" + "))
-    return f"<think> {expression} = {total} </think> <answer> {total} </answer>"
-
-
-def conversation(ex, worked: bool = True) -> list[dict]:
-    completion = (worked_completion if worked else direct_completion)(ex.meta["expression"])
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": ex.prompt},
-            {"role": "assistant", "content": completion}]
 
 
 def build_base(work: str, args) -> str:
     """Corpus -> tokenizer -> token shards -> pretrain; returns the base checkpoint directory."""
     os.makedirs(work, exist_ok=True)
-    rng = random.Random(0)
-    docs = [conversation(ex) for ex in easy_examples(args.easy_docs, seed=1, a_max=9 * (args.hard_operands - 1))]
-    hard = HARD.sample(args.hard_docs + args.direct_docs, "train", seed=2)
-    docs += [conversation(ex) for ex in hard[: args.hard_docs]]
-    docs += [conversation(ex, worked=False) for ex in hard[args.hard_docs:]]
-    rng.shuffle(docs)
     corpus = os.path.join(work, "corpus.jsonl")
-    with open(corpus, "w") as f:
-        for m in docs:  # data prepare appends EOS after each document, so drop the template's own
-            f.write(json.dumps({"text": render_chat(m)[: -len(EOS)]}) + "\n")
+    write_corpus(corpus, args.easy_docs, args.hard_docs, args.direct_docs, args.hard_operands)
     train_tokenizer([corpus], 512, os.path.join(work, "tok"))
     prepare_data([corpus], os.path.join(work, "tok"), os.path.join(work, "data"), show_progress=False)
     tc = pretrain.TrainConfig(preset="tiny", data=os.path.join(work, "data"), out=os.path.join(work, "base"),
@@ -169,7 +125,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     global HARD
-    HARD = ArithmeticTask(digits=1, n_operands=args.hard_operands, ops="+")
+    HARD = hard_task(args.hard_operands)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
