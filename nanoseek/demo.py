@@ -29,6 +29,7 @@ from nanoseek.accounting import param_counts
 from nanoseek.data import prepare_data
 from nanoseek.eval import EvalConfig, evaluate
 from nanoseek.io_utils import atomic_write_text
+from nanoseek.machine import describe
 from nanoseek.model import Transformer
 from nanoseek.plot import plot_grpo, pyplot, save_figure
 from nanoseek.tasks.curriculum import hard_task, write_corpus
@@ -215,16 +216,6 @@ def _plot_pass1(models: dict, path: str) -> str:
     return save_figure(fig, path)
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 def report_markdown(r: dict) -> str:
     """The report card: what ran, on what, how long each stage took, the models side by side, the plots."""
     total = sum(r["seconds"].values())
@@ -232,7 +223,7 @@ def report_markdown(r: dict) -> str:
              "DeepSeek's recipe in miniature: an MoE with MLA and multi-token prediction pretrained on sums, taught "
              "to reason by reinforcement learning from rule rewards alone (R1-Zero), and its reasoning distilled "
              "into a smaller student.", "",
-             f"- machine: {_machine()}",
+             f"- machine: {describe()}",
              f"- versions: Python {platform.python_version()}, torch {torch.__version__}",
              f"- total time: {total / 60:.1f} minutes", "",
              "| stage | seconds |", "|---|---:|"]
