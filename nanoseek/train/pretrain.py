@@ -71,16 +71,29 @@ class TrainConfig:
         return cfg
 
 
+def _uses_mtp(model: Transformer, tc: TrainConfig) -> bool:
+    return tc.mtp_lambda > 0 and len(model.mtp) > 0
+
+
+def routed_moe_layers(model: Transformer, tc: TrainConfig) -> list:
+    """The MoE layers a training forward runs: the MTP blocks' only when MTP is trained (with --mtp-lambda 0
+    they never route, so they have no counts for balancing and no scores for the balance loss)."""
+    if _uses_mtp(model, tc):
+        return model.moe_layers()
+    in_mtp = set(map(id, model.mtp.modules()))
+    return [m for m in model.moe_layers() if id(m) not in in_mtp]
+
+
 def compute_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig):
     """(total loss, parts for logging) for one micro-batch."""
-    use_mtp = tc.mtp_lambda > 0 and len(model.mtp) > 0
+    use_mtp = _uses_mtp(model, tc)
     out = model(x, return_mtp=use_mtp)
     logits, mtp = out if use_mtp else (out, [])
     main = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
     # MTP depth k at position i predicts token i+k+1, which is y[:, i+k]
     mtp_loss = (sum(F.cross_entropy(m.flatten(0, 1).float(), y[:, k:].flatten()) for k, m in enumerate(mtp, 1))
                 / len(mtp)) if mtp else torch.zeros((), device=x.device)
-    moe = model.moe_layers()
+    moe = routed_moe_layers(model, tc)
     bal = balance.balance_loss(moe, x.shape[0], tc.balance_alpha) if moe and tc.balance_alpha > 0 else torch.zeros(())
     parts = {"loss": main.detach(), "mtp_loss": mtp_loss.detach(), "balance_loss": bal.detach()}
     return main + tc.mtp_lambda * mtp_loss + bal, parts
@@ -184,7 +197,7 @@ def _train(tc: TrainConfig, progress: bool, info) -> dict:
     if is_main:
         os.makedirs(tc.out, exist_ok=True)
     log = MetricsLog(tc.out, start) if is_main else None
-    moe = model.moe_layers()
+    moe = routed_moe_layers(model, tc)
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main), desc="pretrain",
                dynamic_ncols=True)
     last: dict = {}
