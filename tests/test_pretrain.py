@@ -3,6 +3,7 @@ process killed in the middle of a save."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -213,10 +214,19 @@ def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint(data_dir,
                           timeout=300)
     assert proc.returncode == 3, proc.stderr[-2000:]
     run = tmp_path / "killed"
+    folder = run / "checkpoints"
     assert list_checkpoints(str(run)) == [3]
-    assert os.path.realpath(run / "latest") == os.path.realpath(latest_checkpoint(str(run)))
+    assert os.path.realpath(run / "latest") == os.path.realpath(latest_checkpoint(str(run))) == os.path.realpath(folder / "step_3")
+    # The kill came after every file of step 6 was written, before the rename: what is left is a complete but
+    # hidden temporary directory, which neither list_checkpoints nor `latest` may take for a checkpoint.
+    (leftover,) = [n for n in os.listdir(folder) if n != "step_3"]
+    assert re.fullmatch(r"\.step_6\..+\.tmp", leftover), leftover
+    assert os.path.isfile(folder / leftover / "trainer_state.json")
+    assert os.path.isfile(folder / leftover / "model.safetensors")
+    assert sorted(os.listdir(run)) == ["checkpoints", "latest", "metrics.jsonl"]  # no half-moved `latest`
     Transformer.from_pretrained(run / "latest")  # intact and loadable
     pretrain.train(pretrain.TrainConfig(**{**cfg, "resume": True}), progress=False)
     pretrain.train(tc(data_dir, tmp_path / "clean"), progress=False)
     assert losses(run) == losses(tmp_path / "clean")
-    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".")] or list_checkpoints(str(run)) == [3, 6]
+    assert list_checkpoints(str(run)) == [3, 6]
+    assert os.path.realpath(run / "latest") == os.path.realpath(folder / "step_6")
