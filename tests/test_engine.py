@@ -29,7 +29,11 @@ _MODELS = {}
 def tiny_model(kind="v3"):
     if kind not in _MODELS:
         torch.manual_seed(0)
-        _MODELS[kind] = Transformer(CONFIGS[kind]()).float().eval()
+        model = Transformer(CONFIGS[kind]()).float().eval()
+        for m in model.moe_layers():  # as after training: the bias changes which experts are chosen
+            if m.gate.e_score_correction_bias is not None:
+                m.gate.e_score_correction_bias.uniform_(-0.05, 0.05)
+        _MODELS[kind] = model
     return _MODELS[kind]
 
 
