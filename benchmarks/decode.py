@@ -187,7 +187,8 @@ def main(argv=None):
             r = res[name]
             print(f"{name[:-2]:>12}: median {r['median']:.3f} s (min {r['min']:.3f}, max {r['max']:.3f})")
         print(f"speed-up, speculative / plain, over {res['repeats']} timed pairs after a warm-up: median "
-              f"{sp['median']:.2f}x, interquartile {sp['q1']:.2f}-{sp['q3']:.2f}x, range {sp['min']:.2f}-{sp['max']:.2f}x")
+              f"{sp['median']:.2f}x, interquartile {sp['q1']:.2f}-{sp['q3']:.2f}x, "
+              f"range {sp['min']:.2f}-{sp['max']:.2f}x")
         if args.json:
             print(json.dumps({"machine": info, "speculative": res}))
         return

@@ -216,7 +216,8 @@ def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint(data_dir,
     run = tmp_path / "killed"
     folder = run / "checkpoints"
     assert list_checkpoints(str(run)) == [3]
-    assert os.path.realpath(run / "latest") == os.path.realpath(latest_checkpoint(str(run))) == os.path.realpath(folder / "step_3")
+    step_3 = os.path.realpath(folder / "step_3")
+    assert os.path.realpath(run / "latest") == os.path.realpath(latest_checkpoint(str(run))) == step_3
     # The kill came after every file of step 6 was written, before the rename: what is left is a complete but
     # hidden temporary directory, which neither list_checkpoints nor `latest` may take for a checkpoint.
     (leftover,) = [n for n in os.listdir(folder) if n != "step_3"]
