@@ -60,11 +60,18 @@ def conversation(ex: Example, worked: bool = True) -> list[dict]:
             {"role": "assistant", "content": completion}]
 
 
+def corpus_examples(easy_docs: int, hard_docs: int, direct_docs: int,
+                    n_operands: int = 4) -> tuple[list[Example], list[Example]]:
+    """The pretraining corpus' EASY problems and its HARD ones (train split; worked first, then one-step)."""
+    easy = easy_examples(easy_docs, seed=1, a_max=9 * (n_operands - 1))
+    return easy, hard_task(n_operands).sample(hard_docs + direct_docs, "train", seed=2)
+
+
 def write_corpus(path: str, easy_docs: int, hard_docs: int, direct_docs: int, n_operands: int = 4) -> None:
     """The pretraining corpus as JSONL ({"text"} per line, chat-formatted): easy sums, HARD train-split sums
     worked (hard_docs) and answered in one step (direct_docs), shuffled."""
-    docs = [conversation(ex) for ex in easy_examples(easy_docs, seed=1, a_max=9 * (n_operands - 1))]
-    hard = hard_task(n_operands).sample(hard_docs + direct_docs, "train", seed=2)
+    easy, hard = corpus_examples(easy_docs, hard_docs, direct_docs, n_operands)
+    docs = [conversation(ex) for ex in easy]
     docs += [conversation(ex) for ex in hard[:hard_docs]]
     docs += [conversation(ex, worked=False) for ex in hard[hard_docs:]]
     random.Random(0).shuffle(docs)
