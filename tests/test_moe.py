@@ -118,7 +118,7 @@ def test_grouped_experts_match_loop_forward_and_backward(path, monkeypatch):
     wrt = [x, w, ex.gate_proj, ex.up_proj, ex.down_proj]
     for name, a, b in zip(["x", "weights", "gate_proj", "up_proj", "down_proj"], torch.autograd.grad(got, wrt, g),
                           torch.autograd.grad(want, wrt, g)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_moe_adds_shared_experts_and_keeps_routing():
