@@ -1,9 +1,10 @@
-"""Expert load balancing, three ways, on the same data and seed (DeepSeek-V3 section 2.1.2):
+"""Expert load balancing, four ways, on the same data and seed (DeepSeek-V3 section 2.1.2):
 
   bias      auxiliary-loss-free balancing (b_i += gamma sign(mean - load_i), gamma 1e-3) plus V3's tiny
             sequence-wise loss (alpha 1e-4): V3's recipe
   bias-fast the same with gamma 1e-2: a miniature run has ~1e4x fewer steps than V3's to move the biases
-  aux-loss  no bias updates; a conventional auxiliary balance loss (the same f_i P_i form, alpha 1e-2)
+  seq-loss  no bias updates; V3's sequence-wise balance loss alone, raised to alpha 1e-2 (a stand-in for an
+            auxiliary-loss baseline: f_i P_i per sequence, not the batch-level loss of GShard / V2)
   neither   no bias updates, no balance loss
 
     python benchmarks/balance.py [--steps 300] [--batch 8] [--seq 128] [--json]
@@ -31,7 +32,7 @@ from nanoseek.train.pretrain import TrainConfig, train  # noqa: E402
 
 VARIANTS = {"bias": dict(bias_gamma=1e-3, balance_alpha=1e-4),
             "bias-fast": dict(bias_gamma=1e-2, balance_alpha=1e-4),
-            "aux-loss": dict(bias_gamma=0.0, balance_alpha=1e-2),
+            "seq-loss": dict(bias_gamma=0.0, balance_alpha=1e-2),
             "neither": dict(bias_gamma=0.0, balance_alpha=0.0)}
 
 

@@ -5,6 +5,7 @@ DeepseekV3ForCausalLM (model.generate, DynamicCache, sdpa attention) on the same
     python benchmarks/decode.py --quick         # 256 and 2048, batch 1
     python benchmarks/decode.py --contexts 8192 --batches 1 --json
     python benchmarks/decode.py --compare-prefill   # also time nanoseek prefill: expanded vs absorbed attention
+    python benchmarks/decode.py --speculative runs/demo/run/latest --repeats 11   # MTP self-speculative decoding
 
 Both run greedy with no stop token for --new-tokens tokens. Prefill time is the time to the first new token;
 decode tokens/s counts the remaining batch * (new_tokens - 1) tokens over the time after it (transformers is
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -116,6 +118,38 @@ def time_prefill_paths(ours, ctx: int, max_seq_len: int) -> dict:
     return res
 
 
+def _spread(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    q = lambda f: xs[min(len(xs) - 1, round(f * (len(xs) - 1)))]  # noqa: E731
+    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "q1": q(0.25), "q3": q(0.75)}
+
+
+def time_speculative(ckpt: str, prompt: str, new_tokens: int, repeats: int) -> dict:
+    """Greedy decoding of one prompt from a trained checkpoint with an MTP module, plain and self-speculative.
+    One untimed call of each first (cache allocation, kernel choice), then `repeats` timed pairs, alternating so
+    that a change in machine load hits both; reports the median and spread of each and of the per-pair ratio."""
+    from nanoseek.tokenizer import load_tokenizer
+    tok = load_tokenizer(ckpt)
+    model = Transformer.from_pretrained(ckpt).eval()
+    engine = Engine(model, max_batch_size=1, max_seq_len=len(tok.encode(prompt)) + new_tokens + 16)
+    prompts = [tok.encode(prompt, add_bos=True)]
+    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    plain = engine.generate(prompts, greedy)
+    spec = engine.generate(prompts, greedy, speculative=True)
+    acceptance = engine.stats.acceptance_rate
+    t_plain, t_spec = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        engine.generate(prompts, greedy)
+        t_plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        engine.generate(prompts, greedy, speculative=True)
+        t_spec.append(time.perf_counter() - t0)
+    return {"identical": plain == spec, "acceptance_rate": acceptance, "repeats": repeats,
+            "plain_s": _spread(t_plain), "speculative_s": _spread(t_spec),
+            "speedup": _spread([p / s for p, s in zip(t_plain, t_spec)])}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -129,12 +163,35 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for both models (1 avoids OpenMP spin-waiting on a busy shared machine)")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    ap.add_argument("--speculative", metavar="CKPT", default=None,
+                    help="instead: time MTP self-speculative against plain greedy decoding on a trained checkpoint")
+    ap.add_argument("--prompt", default="def ", help="with --speculative: the prompt")
+    ap.add_argument("--repeats", type=int, default=11, help="with --speculative: timed pairs after a warm-up")
     args = ap.parse_args(argv)
     if args.quick:
         args.contexts, args.batches = [256, 2048], [1]
     dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.speculative:
+        new_tokens = args.new_tokens if "--new-tokens" in (argv or sys.argv) else 64
+        res = time_speculative(args.speculative, args.prompt, new_tokens, args.repeats)
+        info = machine()
+        sp = res["speedup"]
+        print(f"self-speculative decoding (one MTP draft per step), {args.speculative}, prompt {args.prompt!r}, "
+              f"{new_tokens} greedy tokens, batch 1")
+        print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
+              f"torch {info['torch']}")
+        print(f"same tokens as plain greedy: {res['identical']}; draft acceptance {res['acceptance_rate']:.0%}")
+        for name in ("plain_s", "speculative_s"):
+            r = res[name]
+            print(f"{name[:-2]:>12}: median {r['median']:.3f} s (min {r['min']:.3f}, max {r['max']:.3f})")
+        print(f"speed-up, speculative / plain, over {res['repeats']} timed pairs after a warm-up: median "
+              f"{sp['median']:.2f}x, interquartile {sp['q1']:.2f}-{sp['q3']:.2f}x, "
+              f"range {sp['min']:.2f}-{sp['max']:.2f}x")
+        if args.json:
+            print(json.dumps({"machine": info, "speculative": res}))
+        return
 
     cfg, ours, hf = build_models(args.preset, dtype, args.seed)
     max_seq_len = max(args.contexts) + args.new_tokens

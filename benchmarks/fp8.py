@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,22 +32,13 @@ import nanoseek.fp8 as fp8  # noqa: E402
 from nanoseek import Transformer  # noqa: E402
 from nanoseek.data import default_corpus_files, prepare_data  # noqa: E402
 from nanoseek.fp8 import FP8Recipe  # noqa: E402
+from nanoseek.machine import describe  # noqa: E402
 from nanoseek.fp8.modules import convert_to_fp8  # noqa: E402
 from nanoseek.tokenizer import train_tokenizer  # noqa: E402
 from nanoseek.train import pretrain  # noqa: E402
 from nanoseek.train.loop import read_metrics  # noqa: E402
 
 RUNS = (("fp32", None), ("fp8 block", "block"), ("fp8 tensor", "tensor"))
-
-
-def machine() -> str:
-    name = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def prepare(root: str, corpus_bytes: int) -> str:
@@ -110,7 +100,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    results: dict = {"machine": machine(), "preset": args.preset, "steps": args.steps,
+    results: dict = {"machine": describe(), "preset": args.preset, "steps": args.steps,
                      "tokens_per_step": args.batch_size * args.seq_len, "runs": {}}
     with tempfile.TemporaryDirectory() as root:
         data = prepare(root, args.corpus_bytes)

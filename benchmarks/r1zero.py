@@ -5,16 +5,19 @@
    plus HARD sums of four one-digit numbers (train split), half answered tersely in one step
    ("<think> 6 + 3 + 2 + 5 = 16 </think>", --direct-docs) and half worked as a chain of the easy steps
    ("<think> 6 + 3 = 9, 9 + 2 = 11, 11 + 5 = 16 </think>", --hard-docs). The base knows the format and the easy
-   case; on held-out four-number sums it chains only ~27 % of the time (right ~75 %) and otherwise answers in
-   one step (right ~15 %: a four-number sum in one step is beyond it).
+   case; on held-out four-number sums it mostly answers in one step, which is seldom right (a four-number sum
+   in one step is beyond it), and sometimes chains, which is mostly right (the script prints both rates).
 2. R1-Zero: GRPO straight from the base on the HARD problems with rule rewards only (accuracy + format,
    nanoseek.tasks.rewards). Nothing tells the model to reason step by step or longer; the reward does (chained
    answers are right far more often, so chaining becomes habitual and responses grow).
 3. R1: a small cold-start SFT set of worked HARD traces first, then the same GRPO. Compared side by side.
 
-Reported: pass@1 (mean over K samples at temperature 0.6, top-p 0.95), maj@K and pass@K on the held-out test
-split (a problem is in it iff its hash says so; pretraining, SFT and RL only ever draw the train split), mean
-response length before and after, and the response-length / reward curves during RL (PNG).
+Reported: pass@1 (mean over K samples at temperature 0.6, top-p 0.95), maj@K and pass@K on --n problems drawn
+with replacement from the held-out test split (a problem is in it iff its hash says so; pretraining, SFT and RL
+only ever draw the train split), how many of them are distinct, the share of samples that chain and the accuracy
+of chained and one-step samples, mean response length before and after, and the response-length / reward curves
+during RL (PNG). The EASY check is drawn from the test split of a + b with one-digit a and b: a handful of
+distinct problems, all also in the pretraining corpus (the script prints both counts), so it is no held-out result.
 --hard-operands 3 gives the earlier three-number variant (easy a in 0..18).
 
     python benchmarks/r1zero.py [--json] [--out DIR]
@@ -25,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
@@ -34,64 +36,21 @@ import torch
 from nanoseek import Transformer, load_tokenizer
 from nanoseek.data import prepare_data
 from nanoseek.eval import EvalConfig, evaluate
-from nanoseek.tasks import SYSTEM_PROMPT, Example
 from nanoseek.tasks.arithmetic import ArithmeticTask
-from nanoseek.tokenizer import EOS, render_chat, train_tokenizer
+from nanoseek.tasks.curriculum import conversation, corpus_examples, hard_task, write_corpus
+from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train import grpo, pretrain, sft
 from nanoseek.train.loop import read_metrics
 
-HARD = ArithmeticTask(digits=1, n_operands=4, ops="+")  # set from --hard-operands in main()
+HARD = hard_task(4)  # set from --hard-operands in main()
 EASY_CHECK = ArithmeticTask(digits=1, n_operands=2, ops="+")  # did the base learn the easy case? (its test split)
-
-
-def easy_examples(n: int, seed: int, a_max: int = 27) -> list[Example]:
-    """EASY problems: one addition "a + b" with a in 0..a_max and b in 0..9, i.e. exactly the single steps a chained
-    HARD sum needs (a one-digit sum, then a running total up to 9 * (operands - 1) plus one digit). A different
-    problem family from HARD (two operands), so nothing here is a HARD test problem."""
-    rng = random.Random(f"r1zero-easy|{seed}")
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(0, a_max), rng.randint(0, 9)
-        expr = f"{a} + {b}"
-        out.append(Example(prompt=f"What is {expr}?", answer=a + b, meta={"expression": expr}))
-    return out
-
-
-def worked_completion(expression: str) -> str:
-    """The reasoning trace a careful solver writes: one running-sum step per '+', then the answer."""
-    nums = [int(x) for x in expression.split(" + ")]
-    steps, total = [], nums[0]
-    for x in nums[1:]:
-        steps.append(f"{total} + {x} = {total + x}")
-        total += x
-    return f"<think> {', '.join(steps)} </think> <answer> {total} </answer>"
-
-
-def direct_completion(expression: str) -> str:
-    """The terse answer most text shows: the whole sum in one step, no intermediate results."""
-    total = sum(int(x) for x in expression.split(" + "))
-    return f"<think> {expression} = {total} </think> <answer> {total} </answer>"
-
-
-def conversation(ex, worked: bool = True) -> list[dict]:
-    completion = (worked_completion if worked else direct_completion)(ex.meta["expression"])
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": ex.prompt},
-            {"role": "assistant", "content": completion}]
 
 
 def build_base(work: str, args) -> str:
     """Corpus -> tokenizer -> token shards -> pretrain; returns the base checkpoint directory."""
     os.makedirs(work, exist_ok=True)
-    rng = random.Random(0)
-    docs = [conversation(ex) for ex in easy_examples(args.easy_docs, seed=1, a_max=9 * (args.hard_operands - 1))]
-    hard = HARD.sample(args.hard_docs + args.direct_docs, "train", seed=2)
-    docs += [conversation(ex) for ex in hard[: args.hard_docs]]
-    docs += [conversation(ex, worked=False) for ex in hard[args.hard_docs:]]
-    rng.shuffle(docs)
     corpus = os.path.join(work, "corpus.jsonl")
-    with open(corpus, "w") as f:
-        for m in docs:  # data prepare appends EOS after each document, so drop the template's own
-            f.write(json.dumps({"text": render_chat(m)[: -len(EOS)]}) + "\n")
+    write_corpus(corpus, args.easy_docs, args.hard_docs, args.direct_docs, args.hard_operands)
     train_tokenizer([corpus], 512, os.path.join(work, "tok"))
     prepare_data([corpus], os.path.join(work, "tok"), os.path.join(work, "data"), show_progress=False)
     tc = pretrain.TrainConfig(preset="tiny", data=os.path.join(work, "data"), out=os.path.join(work, "base"),
@@ -123,11 +82,36 @@ def run_grpo(model_dir: str, out: str, args) -> list[dict]:
     return read_metrics(out)
 
 
+class _Graded:
+    """The task, recording every graded completion (for the chain-rate diagnosis; no extra sampling)."""
+
+    def __init__(self, task):
+        self.task, self.graded = task, []
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def verify(self, completion, example):
+        right = self.task.verify(completion, example)
+        self.graded.append((completion, right))
+        return right
+
+
 def score(model_dir: str, args, task=None) -> dict:
-    task = HARD if task is None else task
+    """evaluate() on --n problems drawn from the test split (with replacement: the split is a hash of the problem,
+    so a small problem space repeats problems), plus how many are distinct and the chain-rate diagnosis: the share
+    of samples whose <think> holds a ',' (a chain of steps) and the accuracy of chained and one-step samples."""
+    task = _Graded(HARD if task is None else task)
     model = Transformer.from_pretrained(model_dir).eval()
     ec = EvalConfig(n=args.n, samples=args.samples, max_new_tokens=args.max_new_tokens, batch_size=128, seed=0)
-    return evaluate(model, load_tokenizer(model_dir), task, ec)
+    out = evaluate(model, load_tokenizer(model_dir), task, ec)
+    out["distinct_problems"] = len({ex.prompt for ex in task.sample(ec.n, split=ec.split, seed=ec.seed)})
+    chained = [("," in c.split("<think>", 1)[-1].split("</think>", 1)[0], r) for c, r in task.graded]
+    n_chain = sum(ch for ch, _ in chained)
+    out["chained"] = n_chain / max(1, len(chained))
+    out["right_if_chained"] = sum(r for ch, r in chained if ch) / max(1, n_chain)
+    out["right_if_one_step"] = sum(r for ch, r in chained if not ch) / max(1, len(chained) - n_chain)
+    return out
 
 
 def plot_curves(runs: dict[str, list[dict]], path: str) -> None:
@@ -169,7 +153,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     global HARD
-    HARD = ArithmeticTask(digits=1, n_operands=args.hard_operands, ops="+")
+    HARD = hard_task(args.hard_operands)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
@@ -196,12 +180,18 @@ def main() -> None:
     total = time.perf_counter() - t0
 
     K = args.samples
+    easy_corpus = {ex.prompt for ex in corpus_examples(args.easy_docs, args.hard_docs, args.direct_docs,
+                                                          args.hard_operands)[0]}
+    easy_test = {ex.prompt for ex in EASY_CHECK.sample(args.n, "test", seed=0)}
     table = [("base, on EASY a + b (check)", easy), ("base (pretrained on easy sums)", before), ("R1-Zero: base -> GRPO", after),
              ("cold-start SFT", cold), ("R1: cold-start SFT -> GRPO", r1)]
     summary = {
         "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
         "mean_length_before": before["mean_length"], "mean_length_after": after["mean_length"],
         f"maj@{K}_before": before["maj@k"], f"maj@{K}_after": after["maj@k"],
+        "distinct_problems": before["distinct_problems"], "easy_distinct_problems": len(easy_test),
+        "easy_in_pretraining_corpus": len(easy_test & easy_corpus),
+        "chained_before": before["chained"], "chained_after": after["chained"],
         "pass@1_base_easy": easy["pass@1"], "pass@1_cold_start": cold["pass@1"], "pass@1_r1": r1["pass@1"],
         "mean_length_r1": r1["mean_length"],
         "rl_length_first5": sum(r["response_length"] for r in zero_rows[:5]) / 5,
@@ -212,11 +202,16 @@ def main() -> None:
     lines = [
         f"R1-Zero in miniature: tiny preset, held-out {args.hard_operands}-number sums "
         f"(n={args.n}, K={K} samples, T=0.6, top-p 0.95)",
-        f"{'model':<34}{'pass@1':>8}{'maj@' + str(K):>8}{'pass@' + str(K):>8}{'format':>8}{'length':>8}",
+        f"{'model':<34}{'pass@1':>8}{'maj@' + str(K):>8}{'pass@' + str(K):>8}{'format':>8}{'length':>8}"
+        f"{'distinct':>10}{'chained':>9}{'right|chain':>13}{'right|1-step':>14}",
     ]
     for name, s in table:
         lines.append(f"{name:<34}{s['pass@1']:>8.3f}{s['maj@k']:>8.3f}{s['pass@k']:>8.3f}{s['format_rate']:>8.3f}"
-                     f"{s['mean_length']:>8.1f}")
+                     f"{s['mean_length']:>8.1f}{s['distinct_problems']:>10}{s['chained']:>9.2f}"
+                     f"{s['right_if_chained']:>13.2f}{s['right_if_one_step']:>14.2f}")
+    lines.append(f"distinct: of the n={args.n} problems drawn from the test split (with replacement). The EASY check's "
+                 f"{len(easy_test)} distinct problems: {len(easy_test & easy_corpus)} also in the pretraining corpus "
+                 "(a check that the base learned the easy case, not a held-out result)")
     lines.append(f"R1-Zero RL: response length {summary['rl_length_first5']:.1f} -> {summary['rl_length_last5']:.1f} "
                  f"tokens (mean of first / last 5 steps); curves in {summary['plots'][0]}")
     lines.append("time (s): " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))

@@ -99,7 +99,8 @@ def main() -> None:
     res = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
-        "preset": args.preset, "batch": args.batch, "seq": args.seq, "max_logit_diff": same,
+        "preset": args.preset, "params": ours.num_params(), "batch": args.batch, "seq": args.seq,
+        "max_logit_diff": same,
         "step_s_nanoseek": t_ours, "step_s_transformers": t_theirs, "speedup": t_theirs / t_ours,
         "moe_fwd_bwd_s": t_moe, "dense_equal_active_fwd_bwd_s": t_dense, "moe_over_dense": t_moe / t_dense,
         "achieved_flops": step_flops / t_ours, "matmul_flops": peak, "fraction_of_matmul_rate": step_flops / t_ours / peak,
@@ -107,8 +108,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(res))
         return
-    print(f"machine: {res['machine']}; {args.preset}, batch {args.batch} x {args.seq} tokens; "
-          f"max |logit diff| {same:.1e}")
+    print(f"machine: {res['machine']}; {args.preset} ({ours.num_params() / 1e6:.1f}M params, MTP off), batch "
+          f"{args.batch} x {args.seq} tokens; max |logit diff| {same:.1e}")
     print("| measurement | nanoseek | reference | ratio |\n|---|---:|---:|---:|")
     print(f"| training step (fwd+bwd+AdamW), s | {t_ours:.3f} | transformers {t_theirs:.3f} | {t_theirs / t_ours:.2f}x faster |")
     print(f"| MoE layer fwd+bwd ({tokens} tokens), s | {t_moe:.4f} | dense SwiGLU, equal active FLOPs {t_dense:.4f} | "

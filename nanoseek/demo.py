@@ -1,90 +1,258 @@
-"""`make demo` / `nanoseek demo`: the pipeline end to end on built-in defaults, on a CPU, in minutes.
+"""`make demo` / `nanoseek demo`: DeepSeek's story in miniature on a CPU, from a fresh clone, with a report card.
 
-tokenizer (byte-level BPE on the Python standard library's sources) -> token shards -> pretraining of the `tiny`
-DeepSeek-V3 (MLA, 16 routed + 1 shared experts, aux-loss-free balancing, MTP) -> plots -> sampling with the
-engine, plain and self-speculative with the MTP module -> a check that transformers loads the checkpoint ->
-a short report (nanochat-style) written to RUN_DIR/report.md.
+Stages (each prints one progress line):
+  1. data       the R1-Zero curriculum (nanoseek/tasks/curriculum.py): tokenizer and token shards
+  2. pretrain   the `tiny` MoE with MLA, multi-token prediction and auxiliary-loss-free balancing
+  3. eval base  held-out four-number sums: pass@1 (T 0.6, top-p 0.95), maj@4, response length
+  4. R1-Zero    GRPO from rule rewards only (DeepSeek-R1 section 2.2), then the same evaluation
+  5. distill    rejection-sampled traces from the R1-Zero model, SFT of the smaller `nano` student (R1 section
+                2.4), evaluated beside its teacher
+  6. serve      `nanoseek serve` on the R1-Zero model, one question through the `openai` client, reasoning and
+                answer printed apart, server stopped
+  7. transformers  the final checkpoint loaded by transformers, logits compared
+  8. report     RUN_DIR/report.md: machine, versions, time per stage, the table, PNG plots
+
+`--quick` runs the same stages at toy size (a smoke test of the whole path; its numbers mean nothing).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
-PROMPTS = ["def ", "import os\n", "class Config:\n    def __init__(self"]
+from nanoseek.accounting import param_counts
+from nanoseek.data import prepare_data
+from nanoseek.eval import EvalConfig, evaluate
+from nanoseek.io_utils import atomic_write_text
+from nanoseek.machine import describe
+from nanoseek.model import Transformer
+from nanoseek.plot import plot_grpo, pyplot, save_figure
+from nanoseek.tasks.curriculum import hard_task, write_corpus
+from nanoseek.tokenizer import load_tokenizer, train_tokenizer
+from nanoseek.train import grpo, pretrain
 
 
-def run(out: str, steps: int, batch_size: int, seq_len: int, vocab_size: int, corpus_bytes: int) -> dict:
-    from nanoseek.accounting import summary
-    from nanoseek.cli.info import info_table
-    from nanoseek.config import ModelConfig
-    from nanoseek.data import default_corpus_files, prepare_data
-    from nanoseek.engine import Engine, SamplingParams
-    from nanoseek.model.transformer import Transformer
-    from nanoseek.plot import plot_run
-    from nanoseek.tokenizer import load_tokenizer, train_tokenizer
-    from nanoseek.train.pretrain import TrainConfig, train
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    threads: int = 0  # torch threads; 0 keeps torch's default (all cores)
+    easy_docs: int = 8000
+    hard_docs: int = 800  # four-number sums worked as a chain of easy steps
+    direct_docs: int = 800  # four-number sums answered in one step
+    pretrain_steps: int = 800
+    pretrain_batch: int = 16
+    grpo_steps: int = 60
+    grpo_prompts: int = 16
+    grpo_group: int = 8
+    max_new_tokens: int = 48
+    eval_n: int = 200  # held-out problems
+    eval_samples: int = 4
+    distill_prompts: int = 256
+    distill_generations: int = 4
+    student_pretrain_steps: int = 400
+    serve: bool = True
 
-    t_start = time.time()
-    report: dict = {}
-    for name in ("tiny", "v3"):
-        print(info_table(name, ModelConfig.from_preset(name), summary(ModelConfig.from_preset(name))), "\n")
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    files = default_corpus_files(max_bytes=corpus_bytes)
-    print(f"[1/5] tokenizer: byte-level BPE, {vocab_size} tokens, on {len(files)} standard-library files")
-    train_tokenizer(files, vocab_size, os.path.join(out, "tokenizer"))
-    print("[2/5] data: token shards with a held-out split")
-    manifest = prepare_data(files, os.path.join(out, "tokenizer"), os.path.join(out, "data"))
-    report["train_tokens"] = manifest["splits"]["train"]["tokens"] if "splits" in manifest else None
-    print(f"[3/5] pretraining tiny for {steps} steps of {batch_size} x {seq_len} tokens")
-    tc = TrainConfig(preset="tiny", data=os.path.join(out, "data"), out=os.path.join(out, "run"), steps=steps,
-                     batch_size=batch_size, seq_len=seq_len, eval_every=max(1, steps // 5))
-    result = train(tc)
-    report.update(final_loss=result["final_loss"], val_loss=result["val_loss"])
-    plots = plot_run(tc.out)
-    print("       plots:", ", ".join(os.path.relpath(p) for p in plots))
+    @classmethod
+    def quick(cls, out: str = "runs/demo-quick") -> DemoConfig:
+        """Every stage at toy size: the whole path in about a minute."""
+        return cls(out=out, easy_docs=400, hard_docs=60, direct_docs=60, pretrain_steps=8, pretrain_batch=8,
+                   grpo_steps=2, grpo_prompts=4, grpo_group=4, max_new_tokens=24, eval_n=8, eval_samples=2,
+                   distill_prompts=8, distill_generations=2, student_pretrain_steps=4)
 
-    print("[4/5] sampling from the trained model")
-    ckpt = os.path.join(tc.out, "latest")
-    tok = load_tokenizer(ckpt)
-    model = Transformer.from_pretrained(ckpt)
-    engine = Engine(model, max_batch_size=len(PROMPTS), max_seq_len=512)
-    prompts = [tok.encode(p, add_bos=True) for p in PROMPTS]
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=48, temperature=0.8, top_p=0.95, seed=0,
-                                                   stop_token_ids=(tok.eos_id,)))
-    for p, o in zip(PROMPTS, outs):
-        print("  ---\n  " + (p + tok.decode(o, skip_special=True)).replace("\n", "\n  "))
-    greedy = SamplingParams(max_new_tokens=64, temperature=0.0)
-    t0 = time.perf_counter()
-    plain = engine.generate(prompts[:1], greedy)
-    t_plain = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    spec = engine.generate(prompts[:1], greedy, speculative=True)
-    t_spec = time.perf_counter() - t0
-    report.update(spec_identical=plain == spec, acceptance_rate=engine.stats.acceptance_rate,
-                  spec_speedup=t_plain / t_spec)
-    print(f"  self-speculative decoding with the MTP module: same tokens as greedy = {plain == spec}, "
-          f"acceptance {engine.stats.acceptance_rate:.0%}, {t_plain / t_spec:.2f}x the plain decode speed")
 
-    print("[5/5] transformers loads the checkpoint")
-    try:
-        import transformers
-        transformers.logging.set_verbosity_error()  # it lists the MTP layer's tensors, which it does not model
-        hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-        x = torch.tensor([prompts[2]])
-        with torch.no_grad():
-            diff = float((hf(x).logits - model(x)).abs().max())
-        report["transformers_max_logit_diff"] = diff
-        print(f"  {type(hf).__name__}: max |logit difference| = {diff:.2e}")
-    except ImportError:
-        print("  (transformers is not installed: skipped)")
-    report["minutes"] = (time.time() - t_start) / 60
-    lines = ["# nanoseek demo report", ""] + [f"- {k}: {v}" for k, v in report.items()]
-    from nanoseek.io_utils import atomic_write_text
-    atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
+class Stages:
+    """Times the stages and prints one line each: `[k/8] name ... done in s`."""
+
+    names = ("data", "pretrain", "eval base", "R1-Zero (GRPO)", "distill", "serve", "transformers", "report")
+
+    def __init__(self):
+        self.t0, self.seconds = time.perf_counter(), {}
+
+    def __call__(self, name: str, detail: str = ""):
+        k = self.names.index(name) + 1
+        print(f"[{k}/{len(self.names)}] {name}{': ' + detail if detail else ''}", flush=True)
+        return _Timer(self, name)
+
+
+class _Timer:
+    def __init__(self, stages: Stages, name: str):
+        self.stages, self.name = stages, name
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        dt = time.perf_counter() - self.t
+        self.stages.seconds[self.name] = dt
+        if exc[0] is None:
+            print(f"      done in {dt:.0f} s", flush=True)
+
+
+def _score(model_dir: str, dc: DemoConfig, task) -> dict:
+    model = Transformer.from_pretrained(model_dir).eval()
+    ec = EvalConfig(n=dc.eval_n, samples=dc.eval_samples, max_new_tokens=dc.max_new_tokens, batch_size=128, seed=0)
+    s = evaluate(model, load_tokenizer(model_dir), task, ec)
+    counts = param_counts(model.config)
+    return {**s, "total_params": counts["total_params"], "active_params": counts["active_params"]}
+
+
+def _row(s: dict) -> str:
+    return (f"pass@1 {s['pass@1']:.3f}, maj@{s['k']} {s['maj@k']:.3f}, mean length {s['mean_length']:.1f} tokens")
+
+
+def run(dc: DemoConfig) -> dict:
+    """Run every stage; returns the report as a dict (also written to RUN_DIR/report.md)."""
+    if dc.threads:
+        torch.set_num_threads(dc.threads)
+    if os.path.isdir(dc.out):
+        shutil.rmtree(dc.out)
+    os.makedirs(dc.out)
+    stage, task, models, plots = Stages(), hard_task(4), {}, {}
+
+    with stage("data", f"R1-Zero curriculum ({dc.easy_docs} easy sums, {dc.hard_docs} worked and {dc.direct_docs} "
+                       "one-step four-number sums)"):
+        corpus = os.path.join(dc.out, "corpus.jsonl")
+        write_corpus(corpus, dc.easy_docs, dc.hard_docs, dc.direct_docs)
+        train_tokenizer([corpus], 512, os.path.join(dc.out, "tokenizer"))
+        data = os.path.join(dc.out, "data")
+        prepare_data([corpus], os.path.join(dc.out, "tokenizer"), data, show_progress=False)
+
+    with stage("pretrain", f"tiny MoE, {dc.pretrain_steps} steps of {dc.pretrain_batch} x 128 tokens"):
+        tc = pretrain.TrainConfig(preset="tiny", data=data, out=os.path.join(dc.out, "base"), steps=dc.pretrain_steps,
+                                  batch_size=dc.pretrain_batch, seq_len=128, lr=3e-3, eval_every=0, seed=0)
+        result = pretrain.train(tc, progress=True, plot=True)
+        base = os.path.join(tc.out, "latest")
+        plots["loss"], plots["expert_load"] = (os.path.join(tc.out, n) for n in ("loss.png", "expert_load.png"))
+        print(f"      final loss {result['final_loss']:.3f}")
+
+    with stage("eval base", f"{dc.eval_n} held-out four-number sums x {dc.eval_samples} samples"):
+        models["base"] = _score(base, dc, task)
+        print("      " + _row(models["base"]))
+
+    with stage("R1-Zero (GRPO)", f"{dc.grpo_steps} steps, rule rewards only (accuracy + format)"):
+        gc = grpo.GRPOConfig(model=base, task="arithmetic", out=os.path.join(dc.out, "r1zero"), steps=dc.grpo_steps,
+                             prompts_per_step=dc.grpo_prompts, group_size=dc.grpo_group,
+                             max_new_tokens=dc.max_new_tokens, lr=3e-4, eps_high=0.28, aggregation="dapo", seed=0)
+        grpo.train(gc, progress=True, task=task)
+        plot_grpo(gc.out)
+        teacher = os.path.join(gc.out, "latest")
+        plots["reward"], plots["response_length"] = (os.path.join(gc.out, n) for n in ("reward.png",
+                                                                                         "response_length.png"))
+        models["R1-Zero"] = _score(teacher, dc, task)
+        print("      " + _row(models["R1-Zero"]))
+
+    final = teacher
+    student = _distill_stage(stage, dc, data, teacher, task)
+    if student is not None:
+        models["student (distilled)"] = student["scores"]
+        final = student["model"]
+    _serve_stage(stage, dc, teacher)
+    check = _transformers_stage(stage, final)
+
+    with stage("report", os.path.join(dc.out, "report.md")):
+        plots["pass@1"] = _plot_pass1(models, os.path.join(dc.out, "pass1.png"))
+        report = {"config": asdict(dc), "models": models, "seconds": stage.seconds, "transformers": check,
+                  "plots": {k: os.path.relpath(v, dc.out) for k, v in plots.items() if os.path.exists(v)}}
+        atomic_write_text(os.path.join(dc.out, "report.md"), report_markdown(report))
+    print(f"report: {os.path.join(dc.out, 'report.md')}")
     return report
+
+
+def _distill_stage(stage: Stages, dc: DemoConfig, data: str, teacher: str, task) -> dict | None:
+    try:
+        from nanoseek.train import distill
+    except ImportError:
+        print("[5/8] distill: skipped (nanoseek.train.distill is not built yet)")
+        return None
+    with stage("distill", f"{dc.distill_prompts} prompts x {dc.distill_generations} samples from the R1-Zero model, "
+                          "verified; SFT of the `nano` student"):
+        return distill.demo_student(dc, data, teacher, task, _score)
+
+
+def _serve_stage(stage: Stages, dc: DemoConfig, model_dir: str) -> None:
+    if not dc.serve:
+        return
+    try:
+        from nanoseek.serve import demo_question
+    except ImportError:
+        print("[6/8] serve: skipped (nanoseek.serve is not built yet)")
+        return
+    with stage("serve", "nanoseek serve on the R1-Zero model, one question through the openai client"):
+        demo_question(model_dir, task_prompt=hard_task(4).sample(1, "test", seed=7)[0].prompt)
+
+
+def _transformers_stage(stage: Stages, model_dir: str) -> dict:
+    with stage("transformers", f"transformers loads {model_dir}"):
+        try:
+            import transformers
+        except ImportError:
+            print("      transformers is not installed: skipped")
+            return {}
+        transformers.logging.set_verbosity_error()  # it lists the MTP layer's tensors, which it does not model
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ours = Transformer.from_pretrained(model_dir, dtype=torch.float32)
+        tok = load_tokenizer(model_dir)
+        x = torch.tensor([tok.encode("What is 6 + 3 + 2 + 5?", add_bos=True)])
+        with torch.no_grad():
+            diff = float((hf(x).logits - ours(x)).abs().max())
+        print(f"      {type(hf).__name__}: max |logit difference| {diff:.1e}")
+        return {"class": type(hf).__name__, "max_abs_logit_diff": diff, "version": transformers.__version__}
+
+
+def _plot_pass1(models: dict, path: str) -> str:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    names = list(models)
+    ax.bar(names, [models[n]["pass@1"] for n in names], color=["#9aa", "#c63", "#369", "#693"][: len(names)])
+    for i, n in enumerate(names):
+        ax.text(i, models[n]["pass@1"] + 0.02, f"{models[n]['pass@1']:.2f}", ha="center")
+    ax.set_ylim(0, 1.05), ax.set_ylabel("held-out pass@1"), ax.grid(alpha=0.3, axis="y")
+    ax.set_title("four-number sums, T 0.6, top-p 0.95")
+    return save_figure(fig, path)
+
+
+def report_markdown(r: dict) -> str:
+    """The report card: what ran, on what, how long each stage took, the models side by side, the plots."""
+    total = sum(r["seconds"].values())
+    lines = ["# nanoseek demo report", "",
+             "DeepSeek's recipe in miniature: an MoE with MLA and multi-token prediction pretrained on sums, taught "
+             "to reason by reinforcement learning from rule rewards alone (R1-Zero), and its reasoning distilled "
+             "into a smaller student.", "",
+             f"- machine: {describe()}",
+             f"- versions: Python {platform.python_version()}, torch {torch.__version__}",
+             f"- total time: {total / 60:.1f} minutes", "",
+             "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in r["seconds"].items()]
+    k = r["config"]["eval_samples"]
+    lines += ["", f"Held-out four-number sums: {r['config']['eval_n']} problems x {k} samples at temperature 0.6, "
+              "top-p 0.95.", "",
+              f"| model | parameters (active) | pass@1 | maj@{k} | mean length (tokens) |", "|---|---:|---:|---:|---:|"]
+    for name, s in r["models"].items():
+        lines.append(f"| {name} | {s['total_params'] / 1e6:.2f}M ({s['active_params'] / 1e6:.2f}M) | "
+                     f"{s['pass@1']:.3f} | {s['maj@k']:.3f} | {s['mean_length']:.1f} |")
+    m = r["models"]
+    if "base" in m and "R1-Zero" in m:
+        lines += ["", f"GRPO moved pass@1 by {100 * (m['R1-Zero']['pass@1'] - m['base']['pass@1']):+.1f} points "
+                  f"and the mean response length from {m['base']['mean_length']:.1f} to "
+                  f"{m['R1-Zero']['mean_length']:.1f} tokens."]
+        ex = m["R1-Zero"]["example"]
+        lines += ["", "A held-out answer after GRPO:", "", f"> {ex['prompt']}", ">",
+                  f"> `{ex['completion'].strip()}`"]
+    if "student (distilled)" in m and "R1-Zero" in m and m["R1-Zero"]["pass@1"] > 0:
+        kept = m["student (distilled)"]["pass@1"] / m["R1-Zero"]["pass@1"]
+        lines += ["", f"The distilled student keeps {100 * kept:.0f}% of its teacher's pass@1."]
+    if r["transformers"]:
+        t = r["transformers"]
+        lines += ["", f"transformers {t['version']} loads the final checkpoint as {t['class']}: max |logit "
+                  f"difference| {t['max_abs_logit_diff']:.1e}."]
+    titles = {"loss": "Pretraining loss", "expert_load": "Expert load (max / mean per MoE layer)",
+              "reward": "Reward and accuracy during GRPO", "response_length": "Response length during GRPO",
+              "pass@1": "pass@1 per model"}
+    for key, rel in r["plots"].items():
+        lines += ["", f"## {titles.get(key, key)}", "", f"![{titles.get(key, key)}]({rel})"]
+    return "\n".join(lines) + "\n"

@@ -1,26 +1,21 @@
 """Evaluation: pass@k (unbiased estimator) and maj@k (ties: first seen wins) on hand-made results, the R1 prompt,
-and `nanoseek eval` end to end on a tiny model (greedy: every sample identical)."""
+and `nanoseek eval` end to end on a tiny model (sampled, with a stand-in verifier)."""
 
 import json
 import math
 from itertools import combinations
 
 import pytest
-from test_grpo import tiny_checkpoint
 
 from nanoseek import Transformer, tasks
+from nanoseek import eval as eval_module
 from nanoseek.cli import main
-from nanoseek.eval import (
-    EvalConfig,
-    ProblemResult,
-    evaluate,
-    majority_correct,
-    pass_at_k,
-    plot_curve,
-    prompt_ids,
-    summarize,
-)
+from nanoseek.eval import (EvalConfig, ProblemResult, completion_text, evaluate, majority_correct,
+                           pass_at_k, plot_curve, prompt_ids, summarize)
 from nanoseek.tokenizer import load_tokenizer
+from test_grpo import tiny_checkpoint
+
+
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -73,15 +68,44 @@ def test_prompt_is_the_chat_template_with_the_system_prompt(tmp_path):
     assert prompt_ids(tok, "q", prefill_think=True)[-1] == tok.token_id("<think>")
 
 
-def test_eval_end_to_end_greedy_and_cli(tmp_path, capsys):
+def test_eval_end_to_end_sampled_and_cli(tmp_path, capsys, monkeypatch):
+    """Sampled completions, scored by a stand-in verifier (a random tiny model answers nothing right): the
+    summary equals pass@1 / pass@k recomputed from what each problem's own samples got."""
     ckpt = tiny_checkpoint(tmp_path)
     model, tok = Transformer.from_pretrained(ckpt).eval(), load_tokenizer(ckpt)
     task = tasks.get("arithmetic", difficulty=1)
-    s = evaluate(model, tok, task, EvalConfig(n=3, samples=2, temperature=0.0, max_new_tokens=5, batch_size=4))
-    assert s["n"] == 3 and s["k"] == 2 and 1 <= s["mean_length"] <= 5
-    assert s["pass@1"] == s["pass@k"]  # greedy: both samples of a problem are the same completion
-    main(["eval", "--model", ckpt, "--task", "arithmetic", "--n", "2", "--samples", "4", "--max-new-tokens", "4",
-          "--json", "--plot", str(tmp_path / "k.png")])
+    graded = []
+
+    def verify(completion, example):  # right iff the completion has an even number of characters
+        graded.append((example.prompt, completion, len(completion) % 2 == 0))
+        return graded[-1][2]
+
+    monkeypatch.setattr(task, "verify", verify)
+    generated = []  # (prompt ids, completion text) as sampled
+    real_generate = eval_module.generate_batched
+
+    def generate_batched(model, prompts, *args, **kw):
+        out = real_generate(model, prompts, *args, **kw)
+        generated.extend((tuple(p), completion_text(tok, c)) for p, c in zip(prompts, out))
+        return out
+
+    monkeypatch.setattr(eval_module, "generate_batched", generate_batched)
+    s = evaluate(model, tok, task, EvalConfig(n=3, samples=4, temperature=1.0, max_new_tokens=5, batch_size=5))
+    assert s["n"] == 3 and s["k"] == 4 and 1 <= s["mean_length"] <= 5
+    per_problem = {}
+    for prompt, completion, right in graded:
+        per_problem.setdefault(prompt, []).append((completion, right))
+    assert len(per_problem) == 3 and all(len(v) == 4 for v in per_problem.values())
+    for prompt, v in per_problem.items():  # each problem is graded on the samples of its own prompt
+        ids = tuple(prompt_ids(tok, prompt))
+        assert sorted(c for c, _ in v) == sorted(c for p, c in generated if p == ids)
+    assert all(len({c for c, _ in v}) > 1 for v in per_problem.values())  # sampled: the samples differ
+    c = [sum(r for _, r in v) for v in per_problem.values()]
+    assert s["pass@1"] == pytest.approx(sum(x / 4 for x in c) / 3)
+    assert s["pass@k"] == pytest.approx(sum(x > 0 for x in c) / 3)
+    assert s["pass@1"] < s["pass@k"]  # this seed's samples disagree within a problem
+    main(["eval", "--model", ckpt, "--task", "arithmetic", "--n", "2", "--samples", "4",
+          "--max-new-tokens", "4", "--json", "--plot", str(tmp_path / "k.png")])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("pass@1", "maj@k", "mean_length", "pass@k"):
         assert key in out

@@ -110,14 +110,15 @@ def test_grouped_experts_match_loop_forward_and_backward(path, monkeypatch):
     x = torch.randn(37, cfg.hidden_size, requires_grad=True)
     idx = torch.stack([torch.randperm(cfg.n_routed_experts)[: cfg.num_experts_per_tok] for _ in range(37)])
     idx[:, 0] = 2  # a crowded expert; several others get nothing
-    w = torch.rand(37, cfg.num_experts_per_tok)
+    w = torch.rand(37, cfg.num_experts_per_tok, requires_grad=True)
     got = ex(x, idx, w)
     want = loop_experts(ex, x, idx, w)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     g = torch.randn_like(got)
-    gx, gw = torch.autograd.grad(got, [x, ex.gate_proj], g)
-    rx, rw = torch.autograd.grad(want, [x, ex.gate_proj], g)
-    assert torch.allclose(gx, rx, atol=1e-5, rtol=1e-4) and torch.allclose(gw, rw, atol=1e-5, rtol=1e-4)
+    wrt = [x, w, ex.gate_proj, ex.up_proj, ex.down_proj]
+    for name, a, b in zip(["x", "weights", "gate_proj", "up_proj", "down_proj"], torch.autograd.grad(got, wrt, g),
+                          torch.autograd.grad(want, wrt, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_moe_adds_shared_experts_and_keeps_routing():
@@ -126,10 +127,20 @@ def test_moe_adds_shared_experts_and_keeps_routing():
     layer = MoE(cfg)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.1)
+    layer.gate.e_score_correction_bias.uniform_(-0.3, 0.3)  # a trained router's bias steers the choice
     x = torch.randn(2, 5, cfg.hidden_size)
     y = layer(x)
     r = layer.last_routing
     flat = x.reshape(-1, cfg.hidden_size)
+    s = torch.sigmoid(flat @ layer.gate.weight.T)
+    torch.testing.assert_close(r.scores, s)
+    bias = layer.gate.e_score_correction_bias.tolist()
+    for t in range(10):
+        want_route = naive_route(s[t].tolist(), bias, cfg)
+        got_route = dict(zip(r.indices[t].tolist(), r.weights[t].tolist()))
+        assert got_route.keys() == want_route.keys()
+        assert all(got_route[e] == pytest.approx(want_route[e], rel=1e-5) for e in want_route)
+    assert any(set(naive_route(s[t].tolist(), None, cfg)) != set(r.indices[t].tolist()) for t in range(10))
     want = loop_experts(layer.experts, flat, r.indices, r.weights) + layer.shared_experts(flat)
     assert torch.allclose(y.reshape(-1, cfg.hidden_size), want, atol=1e-5)
     assert r.indices.shape == (10, cfg.num_experts_per_tok)

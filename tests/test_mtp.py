@@ -13,12 +13,25 @@ def model_with(depth=2, seed=0):
     return Transformer(ModelConfig.from_preset("tiny").replace(num_nextn_predict_layers=depth)).eval()
 
 
-def test_shapes_per_depth():
+def test_depth2_chains_on_depth1_hidden_state():
+    """Depth 2 at position i combines depth 1's hidden state h^1_i (before its shared_head norm) with
+    Emb(t_{i+2}), over positions 0..t-3, and predicts t_{i+3}."""
     m = model_with(depth=2)
+    with torch.no_grad():  # norm weights away from 1, so a norm applied twice would show
+        for p in m.mtp.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
     x = torch.randint(0, m.config.vocab_size, (3, 10))
-    logits, mtp = m(x, return_mtp=True)
-    assert logits.shape == (3, 10, m.config.vocab_size)
-    assert [t.shape[:2] for t in mtp] == [(3, 9), (3, 8)]
+    with torch.no_grad():
+        logits, mtp = m(x, return_mtp=True)
+        h = m.hidden_states(x)
+        for k, mod in enumerate(m.mtp, start=1):
+            emb = m.embed_tokens.weight[x[:, k:]]
+            joined = torch.cat([mod.enorm(emb), mod.hnorm(h[:, :-1])], dim=-1)
+            cos, sin = m.rope(torch.arange(10 - k))
+            h = mod.block(joined @ mod.eh_proj.weight.T, cos, sin)
+            torch.testing.assert_close(mtp[k - 1], m.lm_head(mod.shared_head.norm(h)), atol=1e-5, rtol=1e-5)
+    assert logits.shape == (3, 10, m.config.vocab_size) and [t.shape[1] for t in mtp] == [9, 8]
 
 
 def test_depth1_formula_and_alignment():

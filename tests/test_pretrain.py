@@ -3,6 +3,7 @@ process killed in the middle of a save."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,68 @@ def test_bias_update_is_gamma_times_sign():
         assert torch.equal(layer.gate.e_score_correction_bias, want)
     stats = balance.load_stats([load])
     assert stats["moe_max_over_mean"] == pytest.approx(3.0) and stats["moe_dead_experts"] == 2
+
+
+def hand_balance(routing, batch_size, k):
+    """V3 eq. 17-20 for one layer, averaged over sequences: f_i = E / (K T) * #{t : i chosen at t},
+    P_i = mean_t s_{i,t} / sum_j s_{j,t}, L = sum_i f_i P_i."""
+    n, e = routing.scores.shape
+    t = n // batch_size
+    total = 0.0
+    for s in range(batch_size):
+        rows = slice(s * t, (s + 1) * t)
+        chosen = torch.zeros(e).index_add_(0, routing.indices[rows].flatten(), torch.ones(t * k))
+        f = e / (k * t) * chosen
+        p = (routing.scores[rows] / routing.scores[rows].sum(-1, keepdim=True)).mean(0)
+        total = total + (f * p).sum()
+    return total / batch_size
+
+
+@pytest.mark.parametrize("lam,alpha,depth", [(0.3, 1e-4, 1), (0.5, 0.02, 2), (0.0, 0.02, 1), (0.0, 0.0, 1)])
+def test_compute_loss_is_ce_plus_lambda_mtp_plus_alpha_balance(lam, alpha, depth):
+    """loss = CE + lambda * mean_k CE(MTP depth k) + alpha * sum over MoE layers of the sequence-wise balance
+    loss, rebuilt here from the logits and the routers' scores. With lambda 0 the MTP block does not run, so its
+    MoE layer has no routing and must not enter the balance loss."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny").replace(num_nextn_predict_layers=depth))
+    for m in model.moe_layers():  # a non-zero router bias, so selection differs from plain top-k of s
+        m.gate.e_score_correction_bias.uniform_(-0.05, 0.05)
+    ids = torch.randint(0, model.config.vocab_size, (3, 17))
+    x, y = ids[:, :-1], ids[:, 1:]
+    loss, parts = pretrain.compute_loss(model, x, y, pretrain.TrainConfig(mtp_lambda=lam, balance_alpha=alpha))
+    with torch.no_grad():
+        logits, mtp = model(x, return_mtp=True)
+    ce = torch.nn.functional.cross_entropy
+    main = ce(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    # depth k at position i predicts token i + k + 1 of ids
+    mtp_ce = sum(ce(m.reshape(-1, m.shape[-1]), ids[:, k + 1:].reshape(-1)) for k, m in enumerate(mtp, 1)) / depth
+    main_moe = [m for layer in model.layers for m in layer.modules() if m in model.moe_layers()]
+    layers = model.moe_layers() if lam > 0 else main_moe
+    assert len(main_moe) == 3 and len(model.moe_layers()) == 3 + depth
+    bal = sum(hand_balance(m.last_routing, 3, model.config.num_experts_per_tok) for m in layers)
+    want = main + lam * mtp_ce + alpha * bal
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-7)
+    assert parts["loss"].item() == pytest.approx(main.item(), rel=1e-6)
+    assert parts["mtp_loss"].item() == pytest.approx(mtp_ce.item() if lam > 0 else 0.0, rel=1e-6)
+    assert parts["balance_loss"].item() == pytest.approx((alpha * bal).item(), rel=1e-5, abs=1e-12)
+    if lam > 0 and alpha > 0:  # both terms are large enough here to show up at this tolerance
+        assert (lam * mtp_ce).item() > 1e-3 and (alpha * bal).item() > 1e-6 * want.item()
+
+
+def test_mtp_lambda_zero_trains_without_the_mtp_block(data_dir, tmp_path):
+    """--mtp-lambda 0 (with and without the balance loss): the MTP block never runs, so it takes no part in
+    the loss, the bias update or the load statistics."""
+    for alpha in (0.0, 1e-4):  # alpha 0 crashed collecting counts, alpha > 0 in the balance loss
+        run = tmp_path / f"alpha{alpha}"
+        pretrain.train(tc(data_dir, run, steps=2, save_every=0, eval_every=0, mtp_lambda=0.0,
+                          balance_alpha=alpha), progress=False)
+        rows = read_metrics(run)
+        assert [r["mtp_loss"] for r in rows] == [0.0, 0.0]
+        assert len(rows[-1]["moe_layers"]) == 3  # the main model's MoE layers only
+        model = Transformer.from_pretrained(run / "latest")
+        assert all(layer.mlp.gate.e_score_correction_bias.abs().sum() > 0 for layer in model.layers[1:])
+        mtp_moe = model.mtp[0].block.mlp
+        assert torch.equal(mtp_moe.gate.e_score_correction_bias, torch.zeros(model.config.n_routed_experts))
 
 
 def test_training_lowers_loss_moves_biases_and_writes_a_loadable_checkpoint(data_dir, tmp_path):
@@ -151,10 +214,20 @@ def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint(data_dir,
                           timeout=300)
     assert proc.returncode == 3, proc.stderr[-2000:]
     run = tmp_path / "killed"
+    folder = run / "checkpoints"
     assert list_checkpoints(str(run)) == [3]
-    assert os.path.realpath(run / "latest") == os.path.realpath(latest_checkpoint(str(run)))
+    step_3 = os.path.realpath(folder / "step_3")
+    assert os.path.realpath(run / "latest") == os.path.realpath(latest_checkpoint(str(run))) == step_3
+    # The kill came after every file of step 6 was written, before the rename: what is left is a complete but
+    # hidden temporary directory, which neither list_checkpoints nor `latest` may take for a checkpoint.
+    (leftover,) = [n for n in os.listdir(folder) if n != "step_3"]
+    assert re.fullmatch(r"\.step_6\..+\.tmp", leftover), leftover
+    assert os.path.isfile(folder / leftover / "trainer_state.json")
+    assert os.path.isfile(folder / leftover / "model.safetensors")
+    assert sorted(os.listdir(run)) == ["checkpoints", "latest", "metrics.jsonl"]  # no half-moved `latest`
     Transformer.from_pretrained(run / "latest")  # intact and loadable
     pretrain.train(pretrain.TrainConfig(**{**cfg, "resume": True}), progress=False)
     pretrain.train(tc(data_dir, tmp_path / "clean"), progress=False)
     assert losses(run) == losses(tmp_path / "clean")
-    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".")] or list_checkpoints(str(run)) == [3, 6]
+    assert list_checkpoints(str(run)) == [3, 6]
+    assert os.path.realpath(run / "latest") == os.path.realpath(folder / "step_6")

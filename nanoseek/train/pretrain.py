@@ -73,16 +73,26 @@ class TrainConfig:
         return cfg
 
 
+def _uses_mtp(model: Transformer, tc: TrainConfig) -> bool:
+    return tc.mtp_lambda > 0 and len(model.mtp) > 0
+
+
+def routed_moe_layers(model: Transformer, tc: TrainConfig) -> list:
+    """The MoE layers a training forward runs: the MTP blocks' only when MTP is trained (with --mtp-lambda 0
+    they never route, so they have no counts for balancing and no scores for the balance loss)."""
+    return model.moe_layers(include_mtp=_uses_mtp(model, tc))
+
+
 def compute_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig):
     """(total loss, parts for logging) for one micro-batch."""
-    use_mtp = tc.mtp_lambda > 0 and len(model.mtp) > 0
+    use_mtp = _uses_mtp(model, tc)
     out = model(x, return_mtp=use_mtp)
     logits, mtp = out if use_mtp else (out, [])
     main = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
     # MTP depth k at position i predicts token i+k+1, which is y[:, i+k]
     mtp_loss = (sum(F.cross_entropy(m.flatten(0, 1).float(), y[:, k:].flatten()) for k, m in enumerate(mtp, 1))
                 / len(mtp)) if mtp else torch.zeros((), device=x.device)
-    moe = model.moe_layers(include_mtp=use_mtp)  # an MTP block that did not run has no routing to balance
+    moe = routed_moe_layers(model, tc)
     bal = balance.balance_loss(moe, x.shape[0], tc.balance_alpha) if moe and tc.balance_alpha > 0 else torch.zeros(())
     parts = {"loss": main.detach(), "mtp_loss": mtp_loss.detach(), "balance_loss": bal.detach()}
     return main + tc.mtp_lambda * mtp_loss + bal, parts
@@ -169,7 +179,7 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
         if state:
             data.load_state_dict(state["data"])
         tokens_seen = state.get("tokens_seen", 0)
-        moe = model.moe_layers(include_mtp=tc.mtp_lambda > 0)  # the MTP block only runs when it is trained
+        moe = routed_moe_layers(model, tc)
         for step in run:
             t0 = time.perf_counter()
             step_lr = lr_at(step, tc.steps, lr, warmup, tc.schedule, tc.min_lr_ratio)
