@@ -142,7 +142,7 @@ def test_prefix_cache_hit_reuses_latents():
     model = tiny_model()
     system = prompts(1, seed=6, lo=48, hi=49)[0]
     q1, q2 = system + [11, 12, 13], system + [21, 22]
-    engine = Engine(model, max_batch_size=2, max_seq_len=96, kv_cache_dtype="fp32")
+    engine = Engine(model, max_batch_size=2, max_seq_len=96, kv_cache_dtype="fp32", prefix_cache_tokens=256)
     first = engine.generate([q1], greedy(5))[0]
     r = Request(q2, greedy(5))
     seen, hook = count_prefill_tokens(model)

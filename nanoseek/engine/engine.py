@@ -50,8 +50,9 @@ class Engine:
     Engine(model, max_batch_size=8, max_seq_len=4096, kv_cache_dtype=None): the cache is allocated once here
     for max_batch_size sequences of max_seq_len tokens (prompt + generated). kv_cache_dtype is "fp32", "bf16"
     or "fp8"; None means the model's dtype ("fp32" for fp32 weights, "bf16" otherwise). prefix_cache_tokens
-    bounds the prefix cache (0 switches it off; default 4 * max_seq_len tokens); prefill_chunk is the most
-    prompt tokens one step prefills.
+    bounds the prefix cache in tokens: off (0) by default here, so repeated offline calls (benchmarks) compute
+    every prompt, and on in `nanoseek serve`. Identical prompts in one call are prefilled once either way.
+    prefill_chunk is the most prompt tokens one request prefills per step.
 
     A request must satisfy len(prompt) + max_new_tokens <= max_seq_len; otherwise generate raises ValueError
     before computing anything (no silent truncation). The engine is single-threaded: one generate/stream (or
@@ -59,7 +60,7 @@ class Engine:
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, kv_cache_dtype: str | None = None,
-                 prefix_cache_tokens: int | None = None, prefill_chunk: int = 512):
+                 prefix_cache_tokens: int = 0, prefill_chunk: int = 512):
         cfg = model.config
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
@@ -73,8 +74,6 @@ class Engine:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.cache = self._new_cache(cfg.num_hidden_layers)
         self.mtp_cache: LatentCache | None = None  # allocated on the first speculative request
-        if prefix_cache_tokens is None:
-            prefix_cache_tokens = 4 * max_seq_len
         self.prefix_cache = PrefixCache(self.cache, prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.stats = SpecStats()
         # ragged chunks prefill as one padded batch while its dense [B, T, S] mask has at most this many entries

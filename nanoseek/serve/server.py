@@ -31,6 +31,8 @@ def load_app(model_dir: str, max_batch_size: int = 8, max_seq_len: int = 4096, k
     tok = load_tokenizer(model_dir)
     model = Transformer.from_pretrained(model_dir, dtype=DTYPES[dtype])
     max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
+    if prefix_cache_tokens is None:  # the server caches prefixes by default: 4 full-length requests' worth
+        prefix_cache_tokens = 4 * max_seq_len
     engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv_cache_dtype=kv_cache_dtype,
                     prefix_cache_tokens=prefix_cache_tokens)
     name = served_model_name or os.path.basename(os.path.normpath(model_dir))
