@@ -66,10 +66,11 @@ def test_staggered_arrivals_equal_solo_generation():
 
 
 def test_chunked_prefill_beside_decode_equals_solo():
-    """Long prompts prefill in chunks of 8 while other rows decode; same tokens as an unchunked solo run."""
+    """Long prompts prefill in chunks of 8, two chunks a step, while other rows decode; same tokens as an
+    unchunked solo run."""
     ps = prompts(4, seed=2, lo=20, hi=60)
     engine = Engine(tiny_model(), max_batch_size=4, max_seq_len=96, kv_cache_dtype="fp32", prefix_cache_tokens=0,
-                    prefill_chunk=8)
+                    prefill_chunk=8, prefill_budget=16)
     reqs = [Request(p, greedy(6)) for p in ps]
     out, _ = drain(engine, {0: reqs[:1], 1: reqs[1:3], 4: reqs[3:]})
     for r, p in zip(reqs, ps):

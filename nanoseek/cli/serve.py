@@ -20,6 +20,10 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row before 429 (default: 256)")
     p.add_argument("--prefix-cache-tokens", type=int, default=None,
                    help="prefix cache budget in tokens, 0 = off (default: 4 x max-seq-len)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="most prompt tokens one request prefills per step (default: 512)")
+    p.add_argument("--prefill-budget", type=int, default=2048,
+                   help="most prompt tokens prefilled per step over all requests (default: 2048)")
     p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $NANOSEEK_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
@@ -30,7 +34,7 @@ def register(sub) -> None:
 def check(args) -> None:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    for flag in ("max_batch_size", "max_seq_len", "max_queue"):
+    for flag in ("max_batch_size", "max_seq_len", "max_queue", "prefill_chunk", "prefill_budget"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
 
@@ -44,7 +48,8 @@ def run(args) -> None:
     app, engine = load_app(args.model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                            kv_cache_dtype=args.kv_cache_dtype, max_queue=args.max_queue, api_key=args.api_key,
                            dtype=args.dtype, served_model_name=args.served_model_name,
-                           prefix_cache_tokens=args.prefix_cache_tokens)
+                           prefix_cache_tokens=args.prefix_cache_tokens, prefill_chunk=args.prefill_chunk,
+                           prefill_budget=args.prefill_budget)
     print(f"nanoseek serve: http://{args.host}:{args.port} (model {args.model}, {engine.max_batch_size} rows x "
           f"{engine.max_seq_len} tokens, {engine.kv_cache_dtype} cache)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

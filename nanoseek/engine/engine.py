@@ -52,7 +52,9 @@ class Engine:
     or "fp8"; None means the model's dtype ("fp32" for fp32 weights, "bf16" otherwise). prefix_cache_tokens
     bounds the prefix cache in tokens: off (0) by default here, so repeated offline calls (benchmarks) compute
     every prompt, and on in `nanoseek serve`. Identical prompts in one call are prefilled once either way.
-    prefill_chunk is the most prompt tokens one request prefills per step.
+    prefill_chunk is the most prompt tokens one request prefills per step (default: whole prompts) and
+    prefill_budget the most over all requests (default: no limit): offline, a batch of prompts prefills at once as
+    before; a server chunks long prompts so that rows already decoding keep getting tokens.
 
     A request must satisfy len(prompt) + max_new_tokens <= max_seq_len; otherwise generate raises ValueError
     before computing anything (no silent truncation). The engine is single-threaded: one generate/stream (or
@@ -60,7 +62,7 @@ class Engine:
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, kv_cache_dtype: str | None = None,
-                 prefix_cache_tokens: int = 0, prefill_chunk: int = 512):
+                 prefix_cache_tokens: int = 0, prefill_chunk: int | None = None, prefill_budget: int | None = None):
         cfg = model.config
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
@@ -80,7 +82,7 @@ class Engine:
         self.prefill_mask_limit = 2**22
         # prefill attention path: expanded SDPA measured faster on CPU (benchmarks/decode.py --compare-prefill)
         self.prefill_absorb = False
-        self.scheduler = Scheduler(self, prefill_chunk)
+        self.scheduler = Scheduler(self, prefill_chunk or max_seq_len, prefill_budget)
         model.eval()
 
     def _new_cache(self, n_layers: int) -> LatentCache:

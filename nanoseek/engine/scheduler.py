@@ -70,10 +70,12 @@ class Event(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, engine, prefill_chunk: int = 512):
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        self.engine, self.prefill_chunk = engine, prefill_chunk
+    def __init__(self, engine, prefill_chunk: int, prefill_budget: int | None = None):
+        """prefill_chunk: the most prompt tokens one request prefills in a step; prefill_budget: the most prompt
+        tokens a step prefills over all requests (None: no limit), though the first request always gets its chunk."""
+        if prefill_chunk < 1 or (prefill_budget is not None and prefill_budget < 1):
+            raise ValueError(f"prefill_chunk and prefill_budget must be >= 1, got {prefill_chunk}, {prefill_budget}")
+        self.engine, self.prefill_chunk, self.prefill_budget = engine, prefill_chunk, prefill_budget
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.free_rows = list(range(engine.max_batch_size))
@@ -165,9 +167,10 @@ class Scheduler:
 
     def _prefill(self, reqs: list[Request], finished: list[Request]) -> list[Event]:
         """Give prefilling requests chunks of at most prefill_chunk tokens each, in arrival order, while the step's
-        budget (prefill_chunk tokens) lasts; the first always gets its chunk. Chunk boundaries depend only on the
-        request itself, so its latents do not depend on what else runs."""
-        chunks, budget = [], self.prefill_chunk
+        budget lasts; the first always gets its chunk. Chunk boundaries depend only on the request itself (and the
+        engine's prefill_chunk), so its latents do not depend on what else runs."""
+        chunks = []
+        budget = self.prefill_budget if self.prefill_budget is not None else float("inf")
         for r in reqs:
             c = min(len(r.prompt) - r.n, self.prefill_chunk)
             if chunks and c > budget:

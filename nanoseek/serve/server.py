@@ -16,7 +16,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def load_app(model_dir: str, max_batch_size: int = 8, max_seq_len: int = 4096, kv_cache_dtype: str | None = None,
              max_queue: int = 256, api_key: str | None = None, dtype: str = "float32",
-             served_model_name: str | None = None, prefix_cache_tokens: int | None = None):
+             served_model_name: str | None = None, prefix_cache_tokens: int | None = None,
+             prefill_chunk: int = 512, prefill_budget: int = 2048):
     """(FastAPI app, engine) for a checkpoint directory that holds a tokenizer."""
     from nanoseek.engine import Engine
     from nanoseek.model.transformer import Transformer
@@ -33,8 +34,10 @@ def load_app(model_dir: str, max_batch_size: int = 8, max_seq_len: int = 4096, k
     max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
     if prefix_cache_tokens is None:  # the server caches prefixes by default: 4 full-length requests' worth
         prefix_cache_tokens = 4 * max_seq_len
+    # chunked prefill: a long prompt joins in pieces, so the rows already decoding are never stalled for long
     engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv_cache_dtype=kv_cache_dtype,
-                    prefix_cache_tokens=prefix_cache_tokens)
+                    prefix_cache_tokens=prefix_cache_tokens, prefill_chunk=prefill_chunk,
+                    prefill_budget=prefill_budget)
     name = served_model_name or os.path.basename(os.path.normpath(model_dir))
     return create_app(engine, tok, name, api_key=api_key, max_queue=max_queue), engine
 
