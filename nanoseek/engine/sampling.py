@@ -12,7 +12,8 @@ import torch
 class SamplingParams:
     """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off.
     A sequence stops after max_new_tokens or right after emitting any of stop_token_ids (which is kept).
-    The same seed with the same prompts and batch gives the same tokens."""
+    Each request samples with its own generator seeded from `seed` (Engine.generate gives prompt i the seed
+    request_seed(seed, i)), so its tokens do not depend on what else is in the batch."""
 
     max_new_tokens: int
     temperature: float = 1.0
