@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -32,6 +34,7 @@ from nanoseek.io_utils import atomic_write_text
 from nanoseek.machine import describe
 from nanoseek.model import Transformer
 from nanoseek.plot import plot_grpo, pyplot, save_figure
+from nanoseek.serve.server import free_port
 from nanoseek.tasks.curriculum import hard_task, write_corpus
 from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.train import grpo, pretrain
@@ -151,12 +154,13 @@ def run(dc: DemoConfig) -> dict:
     if student is not None:
         models["student (distilled)"] = student["scores"]
         final = student["model"]
-    _serve_stage(stage, dc, teacher)
+    served = _serve_stage(stage, dc, teacher)
     check = _transformers_stage(stage, final)
 
     with stage("report", os.path.join(dc.out, "report.md")):
         plots["pass@1"] = _plot_pass1(models, os.path.join(dc.out, "pass1.png"))
         report = {"config": asdict(dc), "models": models, "seconds": stage.seconds, "transformers": check,
+                  "served": served,
                   "plots": {k: os.path.relpath(v, dc.out) for k, v in plots.items() if os.path.exists(v)}}
         atomic_write_text(os.path.join(dc.out, "report.md"), report_markdown(report))
     print(f"report: {os.path.join(dc.out, 'report.md')}")
@@ -174,16 +178,49 @@ def _distill_stage(stage: Stages, dc: DemoConfig, data: str, teacher: str, task)
         return distill.demo_student(dc, data, teacher, task, _score)
 
 
-def _serve_stage(stage: Stages, dc: DemoConfig, model_dir: str) -> None:
+def _serve_stage(stage: Stages, dc: DemoConfig, model_dir: str) -> dict:
+    """`nanoseek serve` in a child process, one question through the openai client, then the server stopped."""
     if not dc.serve:
-        return
+        return {}
     try:
-        from nanoseek.serve import demo_question
+        import openai
     except ImportError:
-        print("[6/8] serve: skipped (nanoseek.serve is not built yet)")
-        return
-    with stage("serve", "nanoseek serve on the R1-Zero model, one question through the openai client"):
-        demo_question(model_dir, task_prompt=hard_task(4).sample(1, "test", seed=7)[0].prompt)
+        print("[6/8] serve: skipped (the serve and test extras are not installed)")
+        return {}
+    question = hard_task(4).sample(1, "test", seed=7)[0].prompt
+    with stage("serve", f"nanoseek serve on the R1-Zero model; asking {question!r} through the openai client"):
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", model_dir, "--port", str(port),
+                                   "--max-seq-len", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            _wait_for(server, lambda: client.models.list())
+            reply = client.chat.completions.create(
+                model=client.models.list().data[0].id, messages=[{"role": "user", "content": question}],
+                max_tokens=dc.max_new_tokens, temperature=0.6, top_p=0.95, seed=0)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        message = reply.choices[0].message
+        reasoning = getattr(message, "reasoning_content", None) or (message.model_extra or {}).get("reasoning_content")
+        print(f"      reasoning: {reasoning!r}\n      answer:    {message.content!r}")
+        return {"question": question, "reasoning": reasoning, "answer": message.content,
+                "completion_tokens": reply.usage.completion_tokens}
+
+
+def _wait_for(server: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """Poll `ready()` until it stops raising; fail with the server's own words if it exits first."""
+    deadline = time.time() + timeout
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"nanoseek serve exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            ready()
+            return
+        except Exception:  # not listening yet
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
 
 
 def _transformers_stage(stage: Stages, model_dir: str) -> dict:
@@ -246,6 +283,11 @@ def report_markdown(r: dict) -> str:
     if "student (distilled)" in m and "R1-Zero" in m and m["R1-Zero"]["pass@1"] > 0:
         kept = m["student (distilled)"]["pass@1"] / m["R1-Zero"]["pass@1"]
         lines += ["", f"The distilled student keeps {100 * kept:.0f}% of its teacher's pass@1."]
+    if r.get("served"):
+        sv = r["served"]
+        lines += ["", "Served by `nanoseek serve` and asked through the `openai` client:", "",
+                  f"> **user:** {sv['question']}", ">", f"> **reasoning_content:** {sv['reasoning']}", ">",
+                  f"> **content:** {sv['answer']}"]
     if r["transformers"]:
         t = r["transformers"]
         lines += ["", f"transformers {t['version']} loads the final checkpoint as {t['class']}: max |logit "
