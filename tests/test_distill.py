@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from test_grpo import DigitsTask, tiny_checkpoint
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.accounting import param_counts
@@ -18,9 +19,17 @@ from nanoseek.tasks.arithmetic import ArithmeticTask
 from nanoseek.tokenizer import MIN_VOCAB_SIZE, load_tokenizer, train_tokenizer
 from nanoseek.train import distill, distill_loss, grpo, sft
 from nanoseek.train.loop import read_metrics
-from test_grpo import DigitsTask, tiny_checkpoint
 
 TASK = ArithmeticTask(digits=1, n_operands=2, ops="+")
+
+
+def text(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def jsonl(path) -> list[dict]:
+    return [json.loads(x) for x in text(path).splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +118,7 @@ def test_each_filter_drops_its_samples_and_only_right_well_formed_traces_are_kep
         assert table[f]["dropped"] == n, f
     assert s["kept"] == n == table["per_prompt"]["remaining"]
     assert s["sampled"] == s["kept"] + sum(r["dropped"] for r in s["yield"])  # the table adds up
-    rows = [json.loads(x) for x in open(tmp_path / "t.jsonl")]
+    rows = jsonl(tmp_path / "t.jsonl")
     assert len(rows) == s["lines"] == n
     ex_by_prompt = {ex.prompt: ex for ex in TASK.sample(6, "train", seed=0)}
     for r in rows:
@@ -145,18 +154,18 @@ def test_resume_after_a_kill_continues_without_duplicates(ckpt, tmp_path, monkey
     monkeypatch.setattr(distill, "generate_batched", FakeEngine(tok, fail_on=2))
     with pytest.raises(KeyboardInterrupt):
         distill.generate_traces(gen_cfg(ckpt, cut, max_per_prompt=2), task=TASK, progress=False)
-    first = open(cut).read()
+    first = text(cut)
     assert first and len(first.splitlines()) == 4  # the finished chunk (2 prompts x 2 traces) is kept
     with open(cut, "a") as f:  # a chunk appended but never committed, cut mid-line by the kill
         f.write(first.splitlines()[0] + "\n" + '{"messages": [{"ro')
     monkeypatch.setattr(distill, "generate_batched", FakeEngine(tok))
     resumed = distill.generate_traces(gen_cfg(ckpt, cut, max_per_prompt=2), task=TASK, progress=False)
-    assert open(cut).read() == open(tmp_path / "full.jsonl").read()
+    assert text(cut) == text(tmp_path / "full.jsonl")
     assert resumed["yield"] == full["yield"] and resumed["lines"] == full["lines"] == 12
     again = distill.generate_traces(gen_cfg(ckpt, cut, max_per_prompt=2), task=TASK, progress=False)
-    assert open(cut).read() == open(tmp_path / "full.jsonl").read() and again["lines"] == 12
+    assert text(cut) == text(tmp_path / "full.jsonl") and again["lines"] == 12
     more = distill.generate_traces(gen_cfg(ckpt, cut, max_per_prompt=2, num_prompts=8), task=TASK, progress=False)
-    rows = [json.loads(x) for x in open(cut)]
+    rows = jsonl(cut)
     assert more["lines"] == len(rows) == 16
     assert len({(r["prompt_index"], r["sample_index"]) for r in rows}) == 16  # never a duplicate line
     with pytest.raises(ValueError, match="temperature"):
@@ -181,7 +190,7 @@ def test_general_samples_are_mixed_in(ckpt, tmp_path, monkeypatch):
             f.write(json.dumps({"prompt": f"hello {i}", "completion": "hi"}) + "\n")
     s = distill.generate_traces(gen_cfg(ckpt, tmp_path / "g.jsonl", general=str(general), general_frac=0.25),
                                 task=TASK, progress=False)
-    rows = [json.loads(x) for x in open(tmp_path / "g.jsonl")]
+    rows = jsonl(tmp_path / "g.jsonl")
     assert s["general"] == 2 == sum(r["task"] == "general" for r in rows)  # 6 traces : 2 general = 3 : 1
     assert len(rows) == 8
 
@@ -193,7 +202,7 @@ def test_generate_on_the_engine_through_the_cli(ckpt, tmp_path, capsys):
     main(["distill", "generate", "--teacher", ckpt, "--task", "arithmetic", "--out", str(out), "--num-prompts",
           "3", "--num-generations", "2", "--max-new-tokens", "6", "--unfiltered", "--json"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["kept"] == summary["sampled"] == 6 and len(open(out).readlines()) == 6
+    assert summary["kept"] == summary["sampled"] == 6 and len(jsonl(out)) == 6
     with pytest.raises(SystemExit) as e:
         main(["distill", "generate", "--teacher", ckpt, "--task", "arithmetic", "--out", str(tmp_path / "f.jsonl"),
               "--num-prompts", "2", "--num-generations", "2", "--max-new-tokens", "4"])
@@ -203,7 +212,7 @@ def test_generate_on_the_engine_through_the_cli(ckpt, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- losses
 def naive_divergence(s_logits, t_logits, beta):
     """Per position, in plain Python over the vocabulary."""
-    B, T, V = s_logits.shape
+    B, T, _ = s_logits.shape
     out = torch.zeros(B, T, dtype=torch.float64)
     for b in range(B):
         for t in range(T):
@@ -282,9 +291,9 @@ def test_tokenizer_mismatch_is_refused_before_any_work(ckpt, tmp_path):
     # same vocabulary, another EOS token
     eos = tmp_path / "eos"
     shutil.copytree(ckpt, eos)
-    tc = json.load(open(eos / "tokenizer_config.json"))
+    tc = json.loads(text(eos / "tokenizer_config.json"))
     tc["eos_token"] = "<|pad|>"
-    json.dump(tc, open(eos / "tokenizer_config.json", "w"))
+    (eos / "tokenizer_config.json").write_text(json.dumps(tc))
     with pytest.raises(ValueError, match="EOS token '<.end_of_sentence.>' .teacher. vs '<.pad.>' .student."):
         distill.check_same_tokenizer(ckpt, str(eos))
     distill.check_same_tokenizer(ckpt, ckpt)  # and a match passes

@@ -54,7 +54,13 @@ from nanoseek.model import Transformer
 from nanoseek.tasks import SYSTEM_PROMPT, rewards
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import grpo
-from nanoseek.train.distill_loss import KL_MODES, exact_loss, masked_mean, sampled_reverse_kl, token_divergence
+from nanoseek.train.distill_loss import (
+    KL_MODES,
+    exact_loss,
+    masked_mean,
+    sampled_reverse_kl,
+    token_divergence,
+)
 from nanoseek.train.loop import Run, lr_at, make_optimizer
 
 FILTERS = ("eos", "format", "length", "language", "repetition", "correct", "duplicate", "per_prompt")
