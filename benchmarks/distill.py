@@ -110,6 +110,7 @@ def plot_flops(curves: dict, points: dict, path: str) -> None:
     for name, (x, y, e) in points.items():
         ax.errorbar([x], [y], yerr=[2 * e], fmt="s", capsize=3, label=name)
     ax.set_xlabel("FLOPs spent after the teacher exists"), ax.set_ylabel("held-out pass@1 (+-2 SE)")
+    ax.set_ylim(0, 1)
     ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
