@@ -131,7 +131,8 @@ def plot_curves(runs: dict[str, list[dict]], path: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The settings (benchmarks/distill.py builds its teacher with them when no R1-Zero checkpoint exists)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/r1zero")
     p.add_argument("--hard-operands", type=int, default=4, help="one-digit numbers summed in a HARD problem")
@@ -151,7 +152,11 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4, help="K samples per problem (pass@1 averaged, maj@K)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     global HARD
     HARD = hard_task(args.hard_operands)
     torch.set_num_threads(args.threads)

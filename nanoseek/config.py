@@ -289,6 +289,15 @@ PRESETS: dict[str, dict] = {
                  topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
                  routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=2048,
                  torch_dtype="float32"),
+    # The distillation student (DeepSeek-R1 section 2.4 distilled into dense models): dense (no routed experts,
+    # no MTP), tied embeddings as in the small Qwen2.5 students, <= 1/3 of tiny's active parameters at any
+    # vocabulary of 512..4096 tokens (0.30x at 512, 0.28x at 4096).
+    "nano": dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=64, intermediate_size=256,
+                 moe_intermediate_size=0, num_hidden_layers=4, first_k_dense_replace=4, num_attention_heads=2,
+                 q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                 n_routed_experts=0, n_shared_experts=0, num_experts_per_tok=1, n_group=1, topk_group=1,
+                 num_nextn_predict_layers=0, tie_word_embeddings=True, max_position_embeddings=2048,
+                 torch_dtype="float32"),
     # ~90M total, ~30M active: the benchmark size for decode and training-step comparisons.
     "small": dict(model_type="deepseek_v3", vocab_size=32000, hidden_size=512, intermediate_size=1536,
                   moe_intermediate_size=256, num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=8,

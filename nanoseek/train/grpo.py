@@ -101,12 +101,13 @@ class GRPOConfig:
 
 
 # ---------------------------------------------------------------------------------------------- log-probs
-def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], with_entropy: bool = False):
-    """log pi(o_t | q, o_<t) of every completion token, by one forward over prompt + completion.
+def completion_logits(model, prompts: list[list[int]], completions: list[list[int]]):
+    """The logits that predict every completion token, by one forward over prompt + completion.
 
-    Returns (logp [B, T], mask [B, T] bool, entropy [B, T] or None) with T the longest completion; mask is True
-    on real completion tokens. The batch is right-padded; with the default causal attention a real token only
-    sees real tokens on its left, so padding changes nothing. Only the completion positions go through lm_head.
+    Returns (logits [B, T, V] fp32, targets [B, T], mask [B, T] bool) with T the longest completion; mask is
+    True on real completion tokens. The batch is right-padded; with the default causal attention a real token
+    only sees real tokens on its left, so padding changes nothing. Only the completion positions go through
+    lm_head. (Distillation scores the same positions with the teacher: nanoseek.train.distill.)
     """
     B = len(prompts)
     lp = torch.tensor([len(p) for p in prompts])
@@ -122,10 +123,17 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     pos = ((lp - 1)[:, None] + torch.arange(T)[None]).clamp(max=S - 2).to(device)  # [B, T]
     hc = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
     logits = model.lm_head(hc).float()  # [B, T, V]
-    log_probs = F.log_softmax(logits, dim=-1)
-    targets = ids.gather(1, pos + 1)
-    logp = log_probs.gather(-1, targets[..., None]).squeeze(-1)
     mask = (torch.arange(T)[None] < lc[:, None]).to(device)
+    return logits, ids.gather(1, pos + 1), mask
+
+
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], with_entropy: bool = False):
+    """log pi(o_t | q, o_<t) of every completion token (see completion_logits).
+
+    Returns (logp [B, T], mask [B, T] bool, entropy [B, T] or None) with T the longest completion."""
+    logits, targets, mask = completion_logits(model, prompts, completions)
+    log_probs = F.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(-1, targets[..., None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
     return logp, mask, entropy
 

@@ -32,7 +32,7 @@ from nanoseek.train import balance
 from nanoseek.train.loop import Run, lr_at, make_optimizer
 from nanoseek.train.state import load_checkpoint, save_checkpoint
 
-DEFAULT_LR = {"tiny": 3e-3, "small": 1e-3}  # V3's own peak is 2.2e-4 (the default for the large presets)
+DEFAULT_LR = {"nano": 3e-3, "tiny": 3e-3, "small": 1e-3}  # V3's own peak is 2.2e-4 (the default for the large presets)
 
 
 @dataclass

@@ -56,6 +56,9 @@ class SFTConfig:
     keep: int | None = None
     resume: bool = False
     max_bad_steps: int = 5
+    teacher: str = ""  # logit distillation: a checkpoint sharing the tokenizer (nanoseek.train.distill)
+    kd_weight: float = 0.0  # loss = CE + kd_weight * divergence(student, teacher) on the same target tokens
+    kd_beta: float = 0.0  # the divergence: 0 forward KL(teacher || student) (Hinton et al. 2015), 1 reverse
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -143,20 +146,37 @@ def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> list[in
     return out
 
 
-def sft_loss(model, ids: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, doc: torch.Tensor):
-    """(mean CE over target tokens, number of target tokens) for packed rows [B, L] (inputs [:, :-1]).
-
-    The attention mask lets token i see token j iff j <= i and both belong to the same conversation."""
-    x, y = ids[:, :-1], ids[:, 1:]
-    d, pos = doc[:, :-1], positions[:, :-1]
+def _packed_forward(model, ids, positions, doc) -> torch.Tensor:
+    """Logits [B, L-1, V] of packed rows: token i sees token j iff j <= i and both are in the same conversation."""
+    x, d, pos = ids[:, :-1], doc[:, :-1], positions[:, :-1]
     t = x.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
     mask = (causal[None] & (d[:, :, None] == d[:, None, :])).unsqueeze(1)  # [B, 1, t, t]
-    logits = model(x, positions=pos, mask=mask).float()
-    keep = target[:, 1:]
+    return model(x, positions=pos, mask=mask).float()
+
+
+def sft_loss(model, ids: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, doc: torch.Tensor,
+             teacher=None, kd_weight: float = 0.0, kd_beta: float = 0.0, stats: dict | None = None):
+    """(mean CE over target tokens, number of target tokens) for packed rows [B, L] (inputs [:, :-1]).
+
+    With a teacher and kd_weight > 0 the loss adds kd_weight times the mean token divergence to the teacher's
+    distribution at the same target positions (logit-level distillation on the traces); `stats` then receives
+    "ce" and "kd"."""
+    logits = _packed_forward(model, ids, positions, doc)
+    y, keep = ids[:, 1:], target[:, 1:]
     n = int(keep.sum())
     ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-    return torch.where(keep, ce, torch.zeros_like(ce)).sum() / max(n, 1), n
+    loss = torch.where(keep, ce, torch.zeros_like(ce)).sum() / max(n, 1)
+    if teacher is not None and kd_weight > 0:
+        from nanoseek.train.distill_loss import exact_loss
+
+        with torch.no_grad():
+            t_logits = _packed_forward(teacher, ids, positions, doc)
+        kd = exact_loss(logits, t_logits, keep, kd_beta)
+        if stats is not None:
+            stats.update(ce=loss.item(), kd=kd.item())
+        loss = loss + kd_weight * kd
+    return loss, n
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -177,6 +197,14 @@ def train(tc: SFTConfig, progress: bool = True, plot: bool = False) -> dict:
     if tc.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "
                          f"({model.config.max_position_embeddings})")
+    teacher = None
+    if tc.kd_weight > 0:
+        if not tc.teacher:
+            raise ValueError("--kd-weight needs --teacher: a checkpoint that shares the student's tokenizer")
+        from nanoseek.train.distill import check_same_tokenizer
+
+        check_same_tokenizer(tc.teacher, tc.model)
+        teacher = Transformer.from_pretrained(tc.teacher, dtype=torch.float32).eval().requires_grad_(False)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
     run = Run(tc.out, steps, "sft", model, optimizer, save_every=tc.save_every, keep=tc.keep,
               max_bad_steps=tc.max_bad_steps, tokenizer_dir=tc.model, progress=progress, plot=plot_run)
@@ -188,7 +216,9 @@ def train(tc: SFTConfig, progress: bool = True, plot: bool = False) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
             idx = batch_indices(step, tc.batch_size, n_rows, tc.seed)
-            loss, n = sft_loss(model, rows.ids[idx], rows.target[idx], rows.positions[idx], rows.doc[idx])
+            kd_stats: dict = {}
+            loss, n = sft_loss(model, rows.ids[idx], rows.target[idx], rows.positions[idx], rows.doc[idx],
+                               teacher, tc.kd_weight, tc.kd_beta, kd_stats)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
             applied = run.guard.check(step, loss.item(), grad_norm)
@@ -199,7 +229,7 @@ def train(tc: SFTConfig, progress: bool = True, plot: bool = False) -> dict:
             tokens_seen += real
             rec = {"step": step, "loss": loss.item(), "lr": step_lr, "grad_norm": grad_norm, "target_tokens": n,
                    "tokens": tokens_seen, "tokens_per_s": real / (time.perf_counter() - t0),
-                   "skipped_steps": run.guard.skipped}
+                   "skipped_steps": run.guard.skipped, **kd_stats}
             if not applied:
                 rec["skipped"] = True
             run.log(rec, loss=rec["loss"])
