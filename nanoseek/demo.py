@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -37,7 +37,7 @@ from nanoseek.plot import plot_grpo, pyplot, save_figure
 from nanoseek.serve.server import free_port
 from nanoseek.tasks.curriculum import hard_task, write_corpus
 from nanoseek.tokenizer import load_tokenizer, train_tokenizer
-from nanoseek.train import grpo, pretrain
+from nanoseek.train import distill, grpo, pretrain, sft
 
 
 @dataclass
@@ -47,9 +47,9 @@ class DemoConfig:
     easy_docs: int = 8000
     hard_docs: int = 800  # four-number sums worked as a chain of easy steps
     direct_docs: int = 800  # four-number sums answered in one step
-    pretrain_steps: int = 800
+    pretrain_steps: int = 600
     pretrain_batch: int = 16
-    grpo_steps: int = 60
+    grpo_steps: int = 30
     grpo_prompts: int = 16
     grpo_group: int = 8
     max_new_tokens: int = 48
@@ -151,9 +151,8 @@ def run(dc: DemoConfig) -> dict:
 
     final = teacher
     student = _distill_stage(stage, dc, data, teacher, task)
-    if student is not None:
-        models["student (distilled)"] = student["scores"]
-        final = student["model"]
+    models["student (distilled)"] = student["scores"]
+    final = student["model"]
     served = _serve_stage(stage, dc, teacher)
     check = _transformers_stage(stage, final)
 
@@ -167,15 +166,33 @@ def run(dc: DemoConfig) -> dict:
     return report
 
 
-def _distill_stage(stage: Stages, dc: DemoConfig, data: str, teacher: str, task) -> dict | None:
-    try:
-        from nanoseek.train import distill
-    except ImportError:
-        print("[5/8] distill: skipped (nanoseek.train.distill is not built yet)")
-        return None
-    with stage("distill", f"{dc.distill_prompts} prompts x {dc.distill_generations} samples from the R1-Zero model, "
-                          "verified; SFT of the `nano` student"):
-        return distill.demo_student(dc, data, teacher, task, _score)
+def _distill_stage(stage: Stages, dc: DemoConfig, data: str, teacher: str, task) -> dict:
+    """R1's distillation (section 2.4): pretrain the dense `nano` student on the same corpus, sample the R1-Zero
+    teacher several times per train prompt and keep only verified, well-formed traces, then SFT the student on
+    them and evaluate it beside the teacher."""
+    with stage("distill", f"`nano` student; {dc.distill_prompts} prompts x {dc.distill_generations} samples from "
+                          "the R1-Zero model, verified, then SFT"):
+        tc = pretrain.TrainConfig(preset="nano", data=data, out=os.path.join(dc.out, "student_base"),
+                                  steps=dc.student_pretrain_steps, batch_size=dc.pretrain_batch, seq_len=128, lr=3e-3,
+                                  eval_every=0, seed=0)
+        pretrain.train(tc, progress=True)
+        traces = os.path.join(dc.out, "traces.jsonl")
+        gc = distill.GenerateConfig(teacher=teacher, out=traces, num_prompts=dc.distill_prompts,
+                                    num_generations=dc.distill_generations, max_new_tokens=dc.max_new_tokens,
+                                    batch_prompts=64, seed=0)
+        try:
+            gen = distill.generate_traces(gc, task=task, progress=True)
+        except ValueError as e:  # a teacher with no right answer at all (a --quick toy model)
+            print(f"      {e}\n      training the student on the unfiltered samples instead")
+            gen = distill.generate_traces(replace(gc, out=traces + ".unfiltered", unfiltered=True), task=task)
+            traces = gen["out"]
+        print("      " + distill.format_yield(gen["yield"]).replace("\n", "\n      "))
+        sc = sft.SFTConfig(model=os.path.join(tc.out, "latest"), data=traces, out=os.path.join(dc.out, "student"),
+                           epochs=2.0, batch_size=8, seq_len=256, lr=1e-3, seed=0)
+        sft.train(sc, progress=True)
+        scores = _score(os.path.join(sc.out, "latest"), dc, task)
+        print("      " + _row(scores))
+        return {"model": os.path.join(sc.out, "latest"), "scores": scores, "traces_kept": gen.get("kept")}
 
 
 def _serve_stage(stage: Stages, dc: DemoConfig, model_dir: str) -> dict:
