@@ -28,6 +28,7 @@ mean over all ranks.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -43,9 +44,9 @@ try:  # torch >= 2.6
 except ImportError:  # torch 2.4 / 2.5 kept FSDP2 under _composable
     from torch.distributed._composable.fsdp import fully_shard
 try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # torch < 2.5
-    from torch.distributed._tensor import DTensor, distribute_tensor
+    from torch.distributed._tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
@@ -165,7 +166,7 @@ class ExpertParallelExperts(nn.Module):
         if self.num_experts % self.ep:
             raise ValueError(f"--ep {self.ep} must divide n_routed_experts ({self.num_experts})")
         self.num_local = self.num_experts // self.ep
-        self.first = rank * self.num_local
+        self.first = self.first_expert = rank * self.num_local
         self.grad_divisor = 1.0  # parallelize sets ep: see there
         for name in ("gate_proj", "up_proj", "down_proj"):
             full = getattr(experts, name).detach()
@@ -222,22 +223,44 @@ def expert_parallel_names(model: nn.Module) -> dict[str, ExpertParallelExperts]:
 
 
 # ------------------------------------------------------------------------------------------ parallelize
-def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None) -> nn.Module:
-    """Make a (fully initialised, identical on every rank) model data + expert parallel, in place.
+def expert_shard_dim(dp: int, local_experts: int) -> int:
+    """Which dim of a [local experts, out, in] weight FSDP shards over `dp` ranks. Dim 0 while every dp rank
+    gets at least one whole expert; dim 1 (the experts' rows) once dp exceeds the local experts, since FSDP pads
+    a dim-0 shard to ceil(E/dp) whole experts and dp > E would store a whole expert on every rank (torchtitan's
+    rule, pytorch/torchtitan distributed/parallel_dims and models/deepseek_v3/infra/parallelize.py)."""
+    return 1 if dp > local_experts else 0
 
-    ep > 1: routed experts split over mesh["ep"] (see ExpertParallelExperts), FSDP-sharded over mesh["dp"].
-    Then fully_shard on every block (transformer layers and MTP modules) and on the root (embedding, head, final
-    norm) over all ranks: parameters, gradients and optimizer state are sharded; each block is all-gathered
-    just before it runs and freed after. `mp_policy` (an FSDP MixedPrecisionPolicy) is passed through.
+
+def _shard_placement_kw(dim: int) -> dict:
+    if dim == 0:
+        return {}
+    if "shard_placement_fn" not in inspect.signature(fully_shard).parameters:
+        raise ValueError(f"sharding experts on dim {dim} needs fully_shard(shard_placement_fn=...), in torch >= 2.6 "
+                         f"(this is {torch.__version__}): use fewer data-parallel ranks per expert group (a larger "
+                         "--ep) or a newer torch")
+    return {"shard_placement_fn": lambda p: Shard(dim)}
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None) -> nn.Module:
+    """Make a model data + expert parallel, in place. The model may be on the meta device (nothing is
+    allocated; materialise with `model.to_empty(device=...)` and `model.init_weights(seed)` afterwards, see
+    build_model) or initialised identically on every rank.
+
+    ep > 1: routed experts split over mesh["ep"] (see ExpertParallelExperts), FSDP-sharded over mesh["dp"] on
+    dim 0, or dim 1 when there are more dp ranks than local experts (expert_shard_dim). Then fully_shard on
+    every block (transformer layers and MTP modules) and on the root (embedding, head, final norm) over all
+    ranks: parameters, gradients and optimizer state are sharded; each block is all-gathered just before it
+    runs and freed after. `mp_policy` (an FSDP MixedPrecisionPolicy) is passed through.
     """
     kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     if ep > 1:
         if mesh["ep"].size() != ep:
             raise ValueError(f"the mesh has an ep dimension of {mesh['ep'].size()}, not {ep}")
         apply_expert_parallel(model, mesh["ep"].get_group())
+        dp = mesh["dp"].size()
         for m in model.modules():
             if isinstance(m, ExpertParallelExperts):
-                fully_shard(m, mesh=mesh["dp"], **kw)
+                fully_shard(m, mesh=mesh["dp"], **kw, **_shard_placement_kw(expert_shard_dim(dp, m.num_local)))
                 # Expert grads arrive summed over the ep group (all-to-all backward); /ep here and FSDP's default
                 # mean over dp give the mean over all ranks. Not set_gradient_divide_factor(world): FSDP makes that
                 # a ReduceOp.PREMUL_SUM reduce-scatter over dp, which gloo does not support.
@@ -249,6 +272,25 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None)
         fully_shard(block, mesh=world_mesh, **kw)
     fully_shard(model, mesh=world_mesh, **kw)
     return model
+
+
+def build_model(cfg, seed: int, device: torch.device, info: DistInfo | None = None, ep: int = 1,
+                convert=None) -> nn.Module:
+    """The training model with no rank ever holding all of it: built on the meta device, `convert(model)` (for
+    example FP8 modules) applied there, parallelized when `info` is given (a process group exists), then only
+    this rank's shards allocated on `device` and initialised shard-invariantly from `seed`
+    (Transformer.init_weights), so the weights equal the single-process model's whatever the layout."""
+    from nanoseek.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if convert is not None:
+        convert(model)
+    if info is not None:
+        parallelize(model, make_mesh(info, ep), ep=ep)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model.train()
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:

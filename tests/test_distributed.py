@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from nanoseek import ModelConfig, Transformer
@@ -108,6 +109,60 @@ def assert_close_models(a_dir, b_dir, rel=1e-3):
     for k in a:
         assert a[k].shape == b[k].shape, k
         assert float((a[k] - b[k]).norm()) <= rel * float(a[k].norm()) + 1e-6, k
+
+
+# ------------------------------------------------------------------------------------------ (0) initialisation
+INIT = """
+import sys, torch
+from nanoseek import ModelConfig
+from nanoseek.distributed import init_distributed, build_model, full_state_dict, shutdown, expert_shard_dim
+info = init_distributed()
+out = {}
+for name, overrides, ep in LAYOUTS:
+    cfg = ModelConfig.from_preset("tiny").replace(vocab_size=500, **overrides)
+    model = build_model(cfg, 7, info.device, info, ep)
+    local = sum(p.to_local().numel() for p in model.parameters())  # what this rank materialised
+    experts = model.layers[1].mlp.experts.gate_proj
+    out[name] = (full_state_dict(model), local, experts.placements)
+if info.rank == 0:
+    torch.save(out, sys.argv[1] if len(sys.argv) > 1 else OUT)
+shutdown(info)
+"""
+
+
+def _init_layouts(nproc: int, tmp_path) -> dict:
+    layouts = {2: [("fsdp", {}, 1), ("ep2", {}, 2)],
+               4: [("dp2xep2", {}, 2), ("ep4", {}, 4),  # dp 2 > 1 local expert: experts sharded on dim 1
+                   ("dp2xep2_shard1", dict(n_routed_experts=2, n_group=1, topk_group=1, num_experts_per_tok=2), 2)]}
+    out = tmp_path / f"init{nproc}.pt"
+    launch(f"LAYOUTS = {layouts[nproc]!r}; OUT = {str(out)!r}\n" + textwrap.dedent(INIT), nproc)
+    return torch.load(out, weights_only=False), layouts[nproc]
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_initialisation_is_identical_whatever_the_layout(nproc, tmp_path):
+    """Built on the meta device, sharded, materialised shard by shard: the gathered weights equal the
+    1-process model's bit for bit, and no rank allocated more than about its share."""
+    from nanoseek.distributed import build_model
+
+    got, layouts = _init_layouts(nproc, tmp_path)
+    for name, overrides, ep in layouts:
+        cfg = ModelConfig.from_preset("tiny").replace(vocab_size=500, **overrides)
+        want = build_model(cfg, 7, torch.device("cpu")).state_dict()
+        full, local, placements = got[name]
+        numel = sum(t.numel() for t in want.values())
+        assert full.keys() == want.keys()
+        for k in want:
+            assert torch.equal(full[k], want[k]), (name, k)
+        assert local <= 1.02 * numel / nproc + 5000, (name, local, numel)  # its shards only (+ padding)
+        if name == "dp2xep2_shard1":
+            assert placements[0].dim == 1
+        elif ep < nproc:
+            assert placements[0].dim == 0
+    # another seed, other weights
+    cfg = ModelConfig.from_preset("tiny").replace(vocab_size=500)
+    assert not torch.equal(build_model(cfg, 8, torch.device("cpu")).embed_tokens.weight,
+                           build_model(cfg, 7, torch.device("cpu")).embed_tokens.weight)
 
 
 # ------------------------------------------------------------------------------------------ (a) EP layer

@@ -141,6 +141,8 @@ def _padded_bmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
 class GroupedExperts(nn.Module):
     """n_routed_experts SwiGLU experts, weights stacked [E, out, in] under the checkpoint's projection names."""
 
+    first_expert = 0  # global index of row 0 (expert-parallel shares hold a later range; see model/init.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size

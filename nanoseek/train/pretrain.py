@@ -145,14 +145,12 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
         raise ValueError("--fp8 with --ep > 1 is not supported yet: expert-parallel experts run unquantised")
     torch.manual_seed(tc.seed)
     cfg = tc.model_config(manifest["vocab_size"])
-    model = Transformer(cfg).train()  # the same initial weights on every rank (same seed), sharded below
-    if recipe:
-        convert_to_fp8(model, recipe)
+    # built on the meta device, sharded, then each rank materialises and initialises only its shards: the
+    # weights depend on the seed alone, not on the number of processes or --ep
+    model = distributed.build_model(cfg, tc.seed, info.device if info else torch.device("cpu"), info, tc.ep,
+                                    convert=(lambda m: convert_to_fp8(m, recipe)) if recipe else None)
     lr = tc.lr if tc.lr is not None else DEFAULT_LR.get(tc.preset, 2.2e-4)
     warmup = tc.warmup if tc.warmup is not None else min(100, tc.steps // 10)
-    if info is not None:
-        model.to(info.device)
-        distributed.parallelize(model, distributed.make_mesh(info, tc.ep), ep=tc.ep)
     optimizer = make_optimizer(model, lr, tc.weight_decay)
     # rank 0's sampler on every rank: all draw the same global batch, each trains on its slice
     data = TokenDataset(tc.data, "train", tc.seq_len, seed=tc.seed)
