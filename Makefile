@@ -1,10 +1,11 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when it is missing.
+# `make gpu-check` on a CUDA machine: the CUDA-only tests, NCCL with 2 GPUs, short benchmarks, one JSON file.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test gpu-check venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -9,21 +9,27 @@ Pieces, in the order a trainer uses them:
   make_mesh(info, ep)       a 2-D device mesh ("dp", "ep"): world = dp x ep ranks, expert-parallel groups of ep
                             consecutive ranks (on GPUs: within one node, where all-to-all is fastest)
   parallelize(model, mesh)  expert parallelism for every MoE layer (ep > 1), then FSDP2 per block and the root
+  build_model(cfg, seed, ...) the model built on the meta device, parallelized, only local shards materialised
   clip_grad_norm_()         the global gradient norm over sharded and expert-parallel parameters
   full_state_dict(), full_optimizer_state_dict(), load_full_state()
                             whole (unsharded) model and optimizer state, so checkpoints do not depend on world size
 
 Expert parallelism (DeepSeek-V3 section 3.2): rank r of an ep group keeps routed experts [r E/ep, (r+1) E/ep).
-Each MoE forward: route locally, send every token copy to the rank that owns its expert (all-to-all, counts
-first so every rank knows how many rows it will receive), run the local experts as one grouped matmul, send the
-results back (the reverse all-to-all), and combine them in the original token order. No token is dropped.
-The backward of an all-to-all is the all-to-all with the splits swapped (`AllToAll`).
+Experts take rows already sorted by expert plus the tokens per expert (GroupedExperts.forward, torchtitan's
+interface); MoE permutes and unpermutes. Expert parallelism wraps that same forward (make_expert_parallel): send
+every row to the rank that owns its expert (all-to-all, counts first so every rank knows how many rows it will
+receive), regroup by local expert, run the unchanged expert module (plain or FP8), and send the results back in
+the order they came (the reverse all-to-all). No token is dropped. The backward of an all-to-all is the all-to-all
+with the splits swapped (`AllToAll`).
 
 Sharding: every parameter outside the routed experts is FSDP-sharded over all ranks. Routed expert weights are
-first split over the ep dimension and then FSDP-sharded over the remaining dp dimension (world / ep ranks), so
-every element of every parameter lives on exactly one rank. Their gradients arrive summed over the ep group
-(through the all-to-all backward), so they are divided by ep in the backward and FSDP's mean over dp completes the
-mean over all ranks.
+first split over the ep dimension and then FSDP-sharded over the remaining dp dimension (world / ep ranks), on
+dim 0 or, with more dp ranks than local experts, dim 1 (expert_shard_dim), so every element of every parameter
+lives on exactly one rank. Their gradients arrive summed over the ep group (through the all-to-all backward), so
+they are divided by ep in the backward and FSDP's mean over dp completes the mean over all ranks.
+
+The model may be built on the meta device and materialised after sharding (build_model): each rank allocates
+and initialises only its own shards, with values that do not depend on the layout (nanoseek/model/init.py).
 """
 
 from __future__ import annotations
@@ -34,10 +40,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model.moe import GroupedExperts, MoE, grouped_mm
+from nanoseek.model.moe import GroupedExperts, MoE
 
 try:  # torch >= 2.6
     from torch.distributed.fsdp import fully_shard
@@ -145,71 +150,65 @@ class _ScaleGrad(torch.autograd.Function):
         return grad / ctx.divisor, None
 
 
-def _swiglu_grouped(xs, gate, up, down, offsets) -> torch.Tensor:
-    """Rows sorted by expert through their expert's SwiGLU (the same math as GroupedExperts.forward)."""
-    if xs.shape[0] == 0:  # nothing routed here: an empty result, still wired to the input (so the backward
-        # all-to-all runs on this rank too) and to every weight (zero gradients)
-        return xs.new_zeros(0, down.shape[1]) + 0 * (xs.sum() + gate.sum() + up.sum() + down.sum())
-    h = F.silu(grouped_mm(xs, gate.transpose(1, 2), offsets)) * grouped_mm(xs, up.transpose(1, 2), offsets)
-    return grouped_mm(h, down.transpose(1, 2), offsets)
+class ExpertParallelExperts(GroupedExperts):
+    """A GroupedExperts (or a subclass such as FP8GroupedExperts) made expert parallel in place by
+    make_expert_parallel: it keeps experts [first, first + E/ep) under the same parameter names, and its forward
+    wraps the unchanged expert forward in token dispatch and combine (all-to-all). Takes and returns what
+    GroupedExperts does: rows sorted by (global) expert and the tokens per expert."""
 
+    group = None
+    ep = num_local = first = 1
+    grad_divisor = 1.0  # parallelize sets ep: see there
 
-class ExpertParallelExperts(nn.Module):
-    """This rank's share of a GroupedExperts: experts [first, first + E/ep), under the same parameter names,
-    plus the all-to-all dispatch and combine around them. A drop-in for GroupedExperts inside MoE."""
-
-    def __init__(self, experts: GroupedExperts, group):
-        super().__init__()
-        self.group = group
-        self.ep, rank = dist.get_world_size(group), dist.get_rank(group)
-        self.num_experts = experts.gate_proj.shape[0]
-        if self.num_experts % self.ep:
-            raise ValueError(f"--ep {self.ep} must divide n_routed_experts ({self.num_experts})")
-        self.num_local = self.num_experts // self.ep
-        self.first = self.first_expert = rank * self.num_local
-        self.grad_divisor = 1.0  # parallelize sets ep: see there
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            full = getattr(experts, name).detach()
-            setattr(self, name, nn.Parameter(full[self.first: self.first + self.num_local].clone()))
-
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, d], indices/weights [N, k] (global expert ids) -> [N, d], as GroupedExperts.forward."""
-        n, k = indices.shape
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         ep, local = self.ep, self.num_local
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)  # token slots sorted by expert, hence grouped by the owning rank
-        token = order // k
-        xs = x.index_select(0, token)
-
         # 1. counts first: recv_counts[src, e] = rows rank src sends for my local expert e
-        send_counts = torch.bincount(flat, minlength=self.num_experts)
+        send_counts = num_tokens_per_expert
         recv_counts = _all_to_all(send_counts, [local] * ep, [local] * ep, self.group).view(ep, local)
         send_splits = send_counts.view(ep, local).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
-
-        # 2. tokens out; they arrive grouped by source rank, then by expert: regroup by local expert
-        xr = AllToAll.apply(xs, recv_splits, send_splits, self.group)
+        # 2. dispatch: rows arrive grouped by source rank, then by expert: regroup by local expert
+        xr = AllToAll.apply(x, recv_splits, send_splits, self.group)
         expert_of_row = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(ep),
                                                 recv_counts.flatten(), output_size=xr.shape[0])
         perm = expert_of_row.argsort(stable=True)
-        offsets = recv_counts.sum(0).cumsum(0)
-        params = [self.gate_proj, self.up_proj, self.down_proj]
-        if self.grad_divisor != 1.0:
-            params = [_ScaleGrad.apply(p, self.grad_divisor) for p in params]
-        y = _swiglu_grouped(xr.index_select(0, perm), *params, offsets)
+        y = super().forward(xr.index_select(0, perm), recv_counts.sum(0))
+        # 3. combine: back to arrival order, back to the sending ranks (in the order they were sent)
+        return AllToAll.apply(y.index_select(0, perm.argsort()), send_splits, recv_splits, self.group)
 
-        # 3. back to arrival order, back to the sending ranks, weighted and summed per token
-        y = y.index_select(0, perm.argsort())
-        y = AllToAll.apply(y, send_splits, recv_splits, self.group)
-        y = y * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+    def expert_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if self.grad_divisor != 1.0:
+            w = _ScaleGrad.apply(w, self.grad_divisor)
+        return super().expert_mm(x, w, offsets)
+
+
+_EP_CLASSES: dict[type, type] = {GroupedExperts: ExpertParallelExperts}
+
+
+def make_expert_parallel(experts: GroupedExperts, group) -> GroupedExperts:
+    """Turn `experts` (any GroupedExperts subclass) into this rank's expert-parallel share, in place: its class
+    gains ExpertParallelExperts' dispatch / combine, its weights keep only rows [first, first + E/ep)."""
+    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    num_experts = experts.gate_proj.shape[0]
+    if num_experts % ep:
+        raise ValueError(f"--ep {ep} must divide n_routed_experts ({num_experts})")
+    cls = type(experts)
+    if cls not in _EP_CLASSES:
+        _EP_CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (ExpertParallelExperts, cls), {})
+    experts.__class__ = _EP_CLASSES[cls]
+    experts.group, experts.ep, experts.num_local = group, ep, num_experts // ep
+    experts.first = experts.first_expert = rank * experts.num_local
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        full = getattr(experts, name).detach()
+        setattr(experts, name, nn.Parameter(full[experts.first: experts.first + experts.num_local].clone()))
+    return experts
 
 
 def apply_expert_parallel(module: nn.Module, ep_group) -> None:
-    """Swap every MoE layer's GroupedExperts (module itself included) for this rank's ExpertParallelExperts."""
+    """Make every MoE layer's experts (module itself included) this rank's expert-parallel share."""
     for m in list(module.modules()):
-        if isinstance(m, MoE) and isinstance(m.experts, GroupedExperts):
-            m.experts = ExpertParallelExperts(m.experts, ep_group)
+        if isinstance(m, MoE) and not isinstance(m.experts, ExpertParallelExperts):
+            make_expert_parallel(m.experts, ep_group)
 
 
 def expert_parallel_names(model: nn.Module) -> dict[str, ExpertParallelExperts]:

@@ -8,7 +8,7 @@ from torch import nn
 
 from nanoseek.checkpoint import DTYPES, read_config, read_state, save_pretrained
 from nanoseek.config import ModelConfig
-from nanoseek.model.block import Block
+from nanoseek.model.block import RECOMPUTE, Block
 from nanoseek.model.init import init_parameters_
 from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPModule
@@ -104,6 +104,15 @@ class Transformer(nn.Module):
         what balancing and load statistics iterate over."""
         parts = [self.layers, self.mtp] if include_mtp else [self.layers]
         return [m for part in parts for m in part.modules() if isinstance(m, MoE)]
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation in training for every block, the MTP modules' too: "none", "block" or
+        "selective" (see nanoseek/model/block.py)."""
+        if mode not in RECOMPUTE:
+            raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {mode!r}")
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.recompute = mode
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

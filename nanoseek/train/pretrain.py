@@ -63,6 +63,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     config: str | None = None  # a config.json whose fields override the preset (vocab_size comes from the data)
     ep: int = 1  # expert-parallel degree under torchrun (routed experts split over groups of ep ranks)
+    recompute: str = "none"  # activation recomputation per block: none, block or selective (model/block.py)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         cfg = ModelConfig.from_json(self.config) if self.config else ModelConfig.from_preset(self.preset)
@@ -141,14 +142,13 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
         raise ValueError(f"the micro-batch ({micro} sequences) must split evenly over {world} processes: "
                          "change --batch-size / --micro-batch-size or the number of processes")
     recipe = FP8Recipe.parse(tc.fp8)
-    if recipe and tc.ep > 1:
-        raise ValueError("--fp8 with --ep > 1 is not supported yet: expert-parallel experts run unquantised")
     torch.manual_seed(tc.seed)
     cfg = tc.model_config(manifest["vocab_size"])
     # built on the meta device, sharded, then each rank materialises and initialises only its shards: the
     # weights depend on the seed alone, not on the number of processes or --ep
     model = distributed.build_model(cfg, tc.seed, info.device if info else torch.device("cpu"), info, tc.ep,
                                     convert=(lambda m: convert_to_fp8(m, recipe)) if recipe else None)
+    model.set_recompute(tc.recompute)
     lr = tc.lr if tc.lr is not None else DEFAULT_LR.get(tc.preset, 2.2e-4)
     warmup = tc.warmup if tc.warmup is not None else min(100, tc.steps // 10)
     optimizer = make_optimizer(model, lr, tc.weight_decay)
