@@ -21,6 +21,7 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.accounting import memory_per_rank, param_counts
 from nanoseek.train import pretrain
 from nanoseek.train.loop import read_metrics
+from nanoseek.train.sharded import export_pretrained, is_sharded_checkpoint
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this torch build has no torch.distributed gloo backend")
@@ -102,9 +103,19 @@ def trainer_state(run_dir) -> dict:
         return json.load(f)
 
 
+def as_pretrained(path):
+    """A transformers-layout directory for a checkpoint: itself, or its export when it is sharded."""
+    if not is_sharded_checkpoint(path):
+        return path
+    out = str(path).rstrip("/") + "_hf"
+    if not os.path.exists(out):
+        export_pretrained(path, out)
+    return out
+
+
 def assert_close_models(a_dir, b_dir, rel=1e-3):
-    a = Transformer.from_pretrained(a_dir).state_dict()
-    b = Transformer.from_pretrained(b_dir).state_dict()
+    a = Transformer.from_pretrained(as_pretrained(a_dir)).state_dict()
+    b = Transformer.from_pretrained(as_pretrained(b_dir)).state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].shape == b[k].shape, k
@@ -282,9 +293,20 @@ def test_saved_on_two_processes_with_torchrun_resumes_on_one(data_dir, reference
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # only rank 0 prints
     assert summary["steps"] == 10 and len([ln for ln in proc.stdout.splitlines() if ln.startswith("{")]) == 1
     state = trainer_state(two)
-    assert state["world_size"] == 2 and state["train_config"]["ep"] == 2
-    model = Transformer.from_pretrained(two / "checkpoints" / "step_5")  # whole: every expert, full shapes
+    assert state["world_size"] == 2 and state["train_config"]["ep"] == 2 and state["format"] == "dcp"
+    assert sorted(f for f in os.listdir(two / "checkpoints" / "step_5") if f.endswith(".distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shards
+    # `nanoseek convert` makes it a transformers-layout checkpoint: whole, every expert, full shapes
+    proc = subprocess.run([sys.executable, "-m", "nanoseek", "convert", "--model", str(two / "checkpoints" / "step_5"),
+                           "--out", str(tmp_path / "hf")], cwd=ROOT, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = Transformer.from_pretrained(tmp_path / "hf")
     assert model.layers[1].mlp.experts.gate_proj.shape[0] == model.config.n_routed_experts
+    transformers = pytest.importorskip("transformers")  # and transformers computes the same logits from it
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    x = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)
 
     cut_at(two, 5, tmp_path / "resumed")
     run_pretrain(base_config(data_dir, tmp_path / "resumed", resume=True), 1)
@@ -299,15 +321,23 @@ def test_saved_on_one_process_resumes_on_two_with_expert_parallelism(data_dir, r
     assert trainer_state(tmp_path / "resumed")["world_size"] == 2
 
 
-def test_four_processes_dp2_x_ep2_resume_and_follow_the_one_process_run(data_dir, reference, tmp_path):
-    """A 2-D mesh (dp 2 x ep 2): expert weights split over ep and FSDP-sharded over dp, so their gradients are
-    reduce-scattered over a sub-mesh. Resumed from the 1-process step-5 checkpoint (loading into that layout),
-    trained to step 10 and saved (gathering it back): the result is the uninterrupted 1-process run."""
-    cut_at(reference, 5, tmp_path / "four")
-    run_pretrain(base_config(data_dir, tmp_path / "four", resume=True, ep=2), 4)
-    assert_same_run(reference, tmp_path / "four")
-    assert trainer_state(tmp_path / "four")["world_size"] == 4
-    assert_close_models(reference / "latest", tmp_path / "four" / "latest", rel=1e-4)
+def test_sharded_checkpoints_from_four_processes_resume_on_two_and_on_one(data_dir, reference, tmp_path):
+    """dp 2 x ep 2 on 4 processes (expert weights split over ep and FSDP-sharded over dp) follows the 1-process
+    run and saves sharded checkpoints, every rank its own shards (torch.distributed.checkpoint). Cut after
+    step 5, it resumes on 2 processes without expert parallelism and in 1 process (DCP reshards on load), and
+    both reproduce the uninterrupted run."""
+    four = tmp_path / "four"
+    run_pretrain(base_config(data_dir, four, ep=2), 4)
+    assert_same_run(reference, four)
+    assert trainer_state(four)["world_size"] == 4
+    assert len([f for f in os.listdir(four / "checkpoints" / "step_5") if f.endswith(".distcp")]) == 4
+    assert_close_models(reference / "latest", four / "latest", rel=1e-4)
+    for nproc in (2, 1):
+        resumed = tmp_path / f"resumed_on_{nproc}"
+        cut_at(four, 5, resumed)
+        run_pretrain(base_config(data_dir, resumed, resume=True), nproc)
+        assert_same_run(reference, resumed)
+        assert trainer_state(resumed)["world_size"] == nproc
 
 
 # ------------------------------------------------------------------------------------------ memory planner

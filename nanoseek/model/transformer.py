@@ -10,7 +10,7 @@ from nanoseek.checkpoint import DTYPES, read_config, read_state, save_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import RECOMPUTE, Block
 from nanoseek.model.init import init_parameters_
-from nanoseek.model.moe import MoE
+from nanoseek.model.moe import GroupedExperts, MoE, Router
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
@@ -33,14 +33,29 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """N(0, initializer_range) for every matrix (each routed expert drawn separately), ones for norms, zero
-        biases and router biases; every parameter from its own generator seeded by (seed, name, expert), so the
-        values do not depend on how the model is sharded (nanoseek/model/init.py). Works on plain tensors and on
-        DTensor shards after parallelisation. `seed` None draws one from torch's global generator, so
-        torch.manual_seed still decides the weights of a plainly constructed model."""
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (), device="cpu"))
-        init_parameters_(self, seed, self.config.initializer_range)
+        """N(0, initializer_range) for every matrix, ones for norms, zero biases and router biases.
+
+        With a `seed` (the training path, nanoseek.distributed.build_model): every parameter, each routed expert
+        separately, from its own generator seeded by (seed, name, expert), so the values do not depend on how the
+        model is sharded; works on plain tensors and on DTensor shards after parallelisation
+        (nanoseek/model/init.py). Without one (a plainly constructed model): torch's global generator, module by
+        module, as nn.init does, so torch.manual_seed decides the weights."""
+        std = self.config.initializer_range
+        if seed is not None:
+            init_parameters_(self, seed, std)
+            return
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, Router)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None and isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, GroupedExperts):
+                for p in m.parameters():
+                    nn.init.normal_(p, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            if isinstance(m, Router) and m.e_score_correction_bias is not None:
+                m.e_score_correction_bias.zero_()
 
     # ------------------------------------------------------------------ forward
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
