@@ -41,10 +41,13 @@ def _selective_contexts():
     # Profiler markers are not computation, but SAC matches every op of the forward with the recompute by count,
     # and an FSDP unit nested in a block (expert-parallel experts) emits its markers a different number of times
     # in the forward and in the recompute: let them through unmatched, as SAC does for detach.
+    # (Torch versions without SAC_IGNORED_OPS may refuse selective recomputation around expert parallelism.)
     ignored = getattr(checkpoint, "SAC_IGNORED_OPS", None)
     if isinstance(ignored, set):
-        ignored.update((torch.ops.profiler._record_function_enter_new.default,
-                        torch.ops.profiler._record_function_exit._RecordFunction))
+        for op in ("_record_function_enter_new", "_record_function_exit"):
+            packet = getattr(torch.ops.profiler, op, None)
+            if packet is not None:
+                ignored.update(getattr(packet, name) for name in packet.overloads())
     return checkpoint.create_selective_checkpoint_contexts(_selective_policy)
 
 

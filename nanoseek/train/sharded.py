@@ -35,6 +35,10 @@ try:
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # torch < 2.5
     from torch.distributed._tensor import DTensor, Shard
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:
+    from torch.distributed._composable.fsdp import FSDPModule
 
 RNG_FILE = "rng.safetensors"
 
@@ -89,7 +93,7 @@ def _reshard(model: torch.nn.Module) -> None:
     (it is needed again at once in training), so after an evaluation the root's registered parameters would be
     whole tensors, not the shards the optimizer holds."""
     for m in model.modules():
-        if type(m).__name__.startswith("FSDP") and callable(getattr(m, "reshard", None)):
+        if isinstance(m, FSDPModule):
             m.reshard()
 
 
