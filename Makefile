@@ -1,10 +1,11 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when it is missing.
+# `make gpu-check` on a CUDA machine: the CUDA-only tests, NCCL with 2 GPUs, short benchmarks, one JSON file.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint gpu-check venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ test: lint
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nanoseek tests benchmarks
+
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -107,69 +107,133 @@ def pipeline_flops(generated=(), trained=(), scored=()) -> float:
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_bf16": 4, "sgd": 0}  # per parameter: AdamW's two fp32 (or bf16) moments
 
 
-def _block_activation_elems(c: ModelConfig, layer: int) -> tuple[int, int]:
+RECOMPUTE = ("none", "block", "selective")
+
+
+def _block_activation_elems(c: ModelConfig, layer: int, recompute: str = "none") -> tuple[int, int]:
     """(elements in the training dtype, fp32 bytes) one token saves for backward in one block (see memory_per_rank)."""
-    d, h = c.hidden_size, c.num_attention_heads
+    d, h, i_moe = c.hidden_size, c.num_attention_heads, c.moe_intermediate_size
+    if recompute == "block":  # only the block's input; the rest is recomputed one block at a time
+        return d, 0
+    if recompute == "selective":  # matmul and attention outputs (see nanoseek/model/block.py)
+        q = c.q_lora_rank + h * c.qk_head_dim if c.q_lora_rank else h * c.qk_head_dim
+        attn = d + q + c.kv_lora_rank + c.qk_rope_head_dim + h * (c.qk_nope_head_dim + c.v_head_dim) + h * c.v_head_dim + d
+        if c.is_moe_layer(layer):
+            ffn = c.num_experts_per_tok * (2 * i_moe + d) + (2 * i_moe + d) * c.n_shared_experts
+            return attn + ffn, 4 * c.n_routed_experts
+        return attn + 2 * c.intermediate_size + d, 0
     q = 2 * c.q_lora_rank if c.q_lora_rank else 0  # c_q before and after its norm
     attn = 2 * d + q + 2 * c.kv_lora_rank + c.qk_rope_head_dim + h * (2 * c.qk_head_dim + 2 * c.v_head_dim)
     if c.is_moe_layer(layer):
-        routed = c.num_experts_per_tok * (2 * d + 3 * c.moe_intermediate_size)
-        ffn = 2 * d + routed + 3 * c.moe_intermediate_size * c.n_shared_experts
+        routed = c.num_experts_per_tok * (2 * d + 3 * i_moe)
+        ffn = 2 * d + routed + 3 * i_moe * c.n_shared_experts
         return attn + ffn, 4 * c.n_routed_experts  # router scores stay fp32
     return attn + 2 * d + 3 * c.intermediate_size, 0
 
 
-def memory_per_rank(c: ModelConfig, world_size: int, ep: int = 1, batch_tokens_per_rank: int = 4096,
-                    dtype: str = "bfloat16", optimizer: str = "adamw") -> dict:
-    """Bytes one rank needs to train `c` with nanoseek.distributed.parallelize on world_size ranks, ep-way expert
-    parallel, for a micro-batch of batch_tokens_per_rank tokens per rank. MTP modules are included.
+def pipeline_stages(c: ModelConfig, pp: int) -> list[list[int]]:
+    """Block indices per pipeline stage: the main layers then the MTP modules (index >= num_hidden_layers), split
+    into pp contiguous runs as evenly as possible, earlier stages taking the remainder, so the last stage, which
+    also holds the final norm, output head and MTP modules (beside the head they share, as DeepSeek-V3 places
+    them, section 2.2), carries fewer blocks. Stage 0 also holds the embedding."""
+    units = list(range(c.num_hidden_layers + c.num_nextn_predict_layers))
+    if pp < 1 or pp > len(units):
+        raise ValueError(f"--pp {pp} must be between 1 and the number of blocks ({len(units)}, MTP included)")
+    base, extra = divmod(len(units), pp)
+    out, i = [], 0
+    for s in range(pp):
+        n = base + (s < extra)
+        out.append(units[i: i + n])
+        i += n
+    return out
 
-    params, grads: every parameter element lives on exactly one rank (FSDP shards over all ranks; routed experts
-        split over ep ranks, then sharded over the other world_size / ep), so each is (main + MTP params) /
-        world_size at `dtype`.
+
+def bubble_fraction(pp: int, microbatches: int, schedule: str = "1f1b") -> float:
+    """Idle fraction of a pipeline step: (pp - 1) / (m + pp - 1) for GPipe / 1F1B (Narayanan et al. 2021,
+    arXiv 2104.04473, section 2.2), (pp - 1) / (v m + pp - 1) for the interleaved schedule with v = 2 chunks per
+    rank (same paper, section 2.2.1)."""
+    v = {"1f1b": 1, "interleaved": 2}[schedule]
+    return (pp - 1) / (v * microbatches + pp - 1)
+
+
+def memory_per_rank(c: ModelConfig, world_size: int, ep: int = 1, batch_tokens_per_rank: int = 4096,
+                    dtype: str = "bfloat16", optimizer: str = "adamw", pp: int = 1, recompute: str = "none",
+                    microbatches: int | None = None) -> dict:
+    """Bytes one rank needs to train `c` with nanoseek.distributed.parallelize on world_size ranks, ep-way expert
+    parallel, pp pipeline stages, for micro-batches of batch_tokens_per_rank tokens per rank. MTP modules are
+    included. With pp > 1 the numbers are the largest stage's (pipeline_stages; each stage's world_size / pp
+    ranks shard it as parallelize shards a whole model); `stages` lists every stage.
+
+    params, grads: every parameter element lives on exactly one rank of its stage (FSDP shards over the stage's
+        ranks; routed experts split over ep ranks, then sharded over the other world_size / pp / ep), so each is
+        the stage's parameters / (world_size / pp) at `dtype`.
     optimizer: OPTIMIZER_BYTES[optimizer] per local parameter (AdamW: exp_avg and exp_avg_sq in fp32).
-    gathered: the transient unsharded working set: the root (embedding, head) plus the largest FSDP unit (a block
-        or an MTP module) with 1/ep of its routed experts, parameters and gradients, at `dtype`.
-    activations: an estimate, no activation checkpointing, attention without a stored score matrix (flash /
-        SDPA style). Per token and block, values saved for backward at `dtype`:
+    gathered: the transient unsharded working set: the stage's root parts (embedding, head) plus its largest FSDP
+        unit (a block or an MTP module) with 1/ep of its routed experts, parameters and gradients, at `dtype`.
+    activations: an estimate, attention without a stored score matrix (flash / SDPA style). Per token and block,
+        values saved for backward at `dtype`, with recompute "none":
           attention 2d (block input, normed input) + 2 q_lora_rank + 2 kv_lora_rank + qk_rope_head_dim
                     + heads * (2 qk_head_dim + 2 v_head_dim)   (q, k, v, attention output)
           dense FFN 2d + 3 intermediate_size                    (gate, up, their product)
           MoE FFN   2d + k (2d + 3 moe_intermediate_size)       (dispatched copy, expert SwiGLU, returned copy)
                     + 3 n_shared moe_intermediate_size, plus n_routed_experts fp32 router scores
           MTP module 4d (two norms, the concatenation) + its block
-        plus fp32 logits, vocab_size * 4 bytes per token for the head and each MTP depth.
+        "block": d per block (its input), plus one block's full set while it is recomputed.
+        "selective": the block input and every matmul / attention output (norms, RoPE, SwiGLU and other
+        elementwise results are recomputed).
+        plus fp32 logits, vocab_size * 4 bytes per token for the head and each MTP depth (last stage).
+        Under 1F1B, stage s keeps min(microbatches, pp - s) micro-batches in flight (microbatches defaults to 4 pp).
     """
-    if world_size < 1 or ep < 1 or world_size % ep or c.n_routed_experts % ep:
-        raise ValueError(f"ep ({ep}) must divide both world_size ({world_size}) and n_routed_experts "
-                         f"({c.n_routed_experts})")
+    if world_size < 1 or ep < 1 or pp < 1 or world_size % (ep * pp) or c.n_routed_experts % ep:
+        raise ValueError(f"ep ({ep}) x pp ({pp}) must divide world_size ({world_size}) and ep must divide "
+                         f"n_routed_experts ({c.n_routed_experts})")
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_BYTES)}, got {optimizer!r}")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
     nbytes = DTYPE_BYTES[dtype]
+    microbatches = microbatches or 4 * pp
     p = param_counts(c)
-    total = p["total_params"] + p["mtp_params"]
-    local = -(-total // world_size)  # ceil: FSDP pads the last shard
-    layers = list(range(c.num_hidden_layers + c.num_nextn_predict_layers))
-    routed = 3 * c.hidden_size * c.moe_intermediate_size * c.n_routed_experts
+    d = c.hidden_size
+    routed = 3 * d * c.moe_intermediate_size * c.n_routed_experts
+    stage_ranks = world_size // pp
 
-    def gathered_block(i: int) -> int:  # one FSDP unit: a block, or an MTP module (its block, eh_proj, 3 norms)
+    def unit_params(i: int) -> int:  # a block, or an MTP module (its block, eh_proj, 3 norms)
         b = block_params(c, i)
-        mtp = 2 * c.hidden_size ** 2 + 3 * c.hidden_size if i >= c.num_hidden_layers else 0
-        return b.attention + b.norms + b.ffn_total - (routed - routed // ep if c.is_moe_layer(i) else 0) + mtp
+        return b.attention + b.norms + b.ffn_total + (2 * d * d + 3 * d if i >= c.num_hidden_layers else 0)
 
-    root = p["by_part"]["embedding"] + p["by_part"]["output_head"]
-    gathered = 2 * (root + max(gathered_block(i) for i in layers)) * nbytes
-    elems, fp32 = 0, 0
-    for i in layers:
-        e, f = _block_activation_elems(c, i)
-        elems, fp32 = elems + e + (4 * c.hidden_size if i >= c.num_hidden_layers else 0), fp32 + f
-    fp32 += 4 * c.vocab_size * (1 + c.num_nextn_predict_layers)
-    activations = batch_tokens_per_rank * (elems * nbytes + fp32)
-    out = {"world_size": world_size, "ep": ep, "dtype": dtype, "optimizer": optimizer,
-           "batch_tokens_per_rank": batch_tokens_per_rank, "params_per_rank": local,
-           "param_bytes": local * nbytes, "grad_bytes": local * nbytes,
-           "optimizer_bytes": local * OPTIMIZER_BYTES[optimizer], "gathered_bytes": gathered,
-           "activation_bytes": activations}
-    out["total_bytes"] = sum(out[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "gathered_bytes",
-                                              "activation_bytes"))
+    def unit_acts(i: int, mode: str) -> int:  # bytes per token
+        e, f = _block_activation_elems(c, i, mode)
+        mtp = (d if mode == "block" else 4 * d) if i >= c.num_hidden_layers else 0
+        return (e + mtp) * nbytes + f
+
+    stages = []
+    for s, units in enumerate(pipeline_stages(c, pp)):
+        first, last = s == 0, s == pp - 1
+        root = (p["by_part"]["embedding"] if first else 0) + (p["by_part"]["output_head"] + d if last else 0)
+        params = root + sum(unit_params(i) for i in units)
+        local = -(-params // stage_ranks)  # ceil: FSDP pads the last shard
+        biggest = max(unit_params(i) - (routed - routed // ep if c.is_moe_layer(i) else 0) for i in units)
+        gathered = 2 * (root - (d if last else 0) + biggest) * nbytes
+        in_flight = min(microbatches, pp - s)
+        per_token = in_flight * sum(unit_acts(i, recompute) for i in units)
+        if recompute == "block":
+            per_token += max(unit_acts(i, "none") for i in units)
+        if last:
+            per_token += 4 * c.vocab_size * (1 + c.num_nextn_predict_layers)
+        st = {"stage": s, "blocks": units, "params": params, "params_per_rank": local,
+              "param_bytes": local * nbytes, "grad_bytes": local * nbytes,
+              "optimizer_bytes": local * OPTIMIZER_BYTES[optimizer], "gathered_bytes": gathered,
+              "activation_bytes": batch_tokens_per_rank * per_token}
+        st["total_bytes"] = sum(st[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "gathered_bytes",
+                                                "activation_bytes"))
+        stages.append(st)
+    worst = max(stages, key=lambda st: st["total_bytes"])
+    out = {"world_size": world_size, "ep": ep, "pp": pp, "recompute": recompute, "dtype": dtype,
+           "optimizer": optimizer, "batch_tokens_per_rank": batch_tokens_per_rank,
+           **{k: worst[k] for k in ("params_per_rank", "param_bytes", "grad_bytes", "optimizer_bytes",
+                                    "gathered_bytes", "activation_bytes", "total_bytes")}}
+    if pp > 1:
+        out.update(stage=worst["stage"], microbatches=microbatches, stages=stages,
+                   bubble={sch: bubble_fraction(pp, microbatches, sch) for sch in ("1f1b", "interleaved")})
     return out

@@ -9,43 +9,49 @@ Pieces, in the order a trainer uses them:
   make_mesh(info, ep)       a 2-D device mesh ("dp", "ep"): world = dp x ep ranks, expert-parallel groups of ep
                             consecutive ranks (on GPUs: within one node, where all-to-all is fastest)
   parallelize(model, mesh)  expert parallelism for every MoE layer (ep > 1), then FSDP2 per block and the root
+  build_model(cfg, seed, ...) the model built on the meta device, parallelized, only local shards materialised
   clip_grad_norm_()         the global gradient norm over sharded and expert-parallel parameters
   full_state_dict(), full_optimizer_state_dict(), load_full_state()
                             whole (unsharded) model and optimizer state, so checkpoints do not depend on world size
 
 Expert parallelism (DeepSeek-V3 section 3.2): rank r of an ep group keeps routed experts [r E/ep, (r+1) E/ep).
-Each MoE forward: route locally, send every token copy to the rank that owns its expert (all-to-all, counts
-first so every rank knows how many rows it will receive), run the local experts as one grouped matmul, send the
-results back (the reverse all-to-all), and combine them in the original token order. No token is dropped.
-The backward of an all-to-all is the all-to-all with the splits swapped (`AllToAll`).
+Experts take rows already sorted by expert plus the tokens per expert (GroupedExperts.forward, torchtitan's
+interface); MoE permutes and unpermutes. Expert parallelism wraps that same forward (make_expert_parallel): send
+every row to the rank that owns its expert (all-to-all, counts first so every rank knows how many rows it will
+receive), regroup by local expert, run the unchanged expert module (plain or FP8), and send the results back in
+the order they came (the reverse all-to-all). No token is dropped. The backward of an all-to-all is the all-to-all
+with the splits swapped (`AllToAll`).
 
 Sharding: every parameter outside the routed experts is FSDP-sharded over all ranks. Routed expert weights are
-first split over the ep dimension and then FSDP-sharded over the remaining dp dimension (world / ep ranks), so
-every element of every parameter lives on exactly one rank. Their gradients arrive summed over the ep group
-(through the all-to-all backward), so they are divided by ep in the backward and FSDP's mean over dp completes the
-mean over all ranks.
+first split over the ep dimension and then FSDP-sharded over the remaining dp dimension (world / ep ranks), on
+dim 0 or, with more dp ranks than local experts, dim 1 (expert_shard_dim), so every element of every parameter
+lives on exactly one rank. Their gradients arrive summed over the ep group (through the all-to-all backward), so
+they are divided by ep in the backward and FSDP's mean over dp completes the mean over all ranks.
+
+The model may be built on the meta device and materialised after sharding (build_model): each rank allocates
+and initialises only its own shards, with values that do not depend on the layout (nanoseek/model/init.py).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model.moe import GroupedExperts, MoE, grouped_mm
+from nanoseek.model.moe import GroupedExperts, MoE
 
 try:  # torch >= 2.6
     from torch.distributed.fsdp import fully_shard
 except ImportError:  # torch 2.4 / 2.5 kept FSDP2 under _composable
     from torch.distributed._composable.fsdp import fully_shard
 try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # torch < 2.5
-    from torch.distributed._tensor import DTensor, distribute_tensor
+    from torch.distributed._tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
@@ -144,71 +150,65 @@ class _ScaleGrad(torch.autograd.Function):
         return grad / ctx.divisor, None
 
 
-def _swiglu_grouped(xs, gate, up, down, offsets) -> torch.Tensor:
-    """Rows sorted by expert through their expert's SwiGLU (the same math as GroupedExperts.forward)."""
-    if xs.shape[0] == 0:  # nothing routed here: an empty result, still wired to the input (so the backward
-        # all-to-all runs on this rank too) and to every weight (zero gradients)
-        return xs.new_zeros(0, down.shape[1]) + 0 * (xs.sum() + gate.sum() + up.sum() + down.sum())
-    h = F.silu(grouped_mm(xs, gate.transpose(1, 2), offsets)) * grouped_mm(xs, up.transpose(1, 2), offsets)
-    return grouped_mm(h, down.transpose(1, 2), offsets)
+class ExpertParallelExperts(GroupedExperts):
+    """A GroupedExperts (or a subclass such as FP8GroupedExperts) made expert parallel in place by
+    make_expert_parallel: it keeps experts [first, first + E/ep) under the same parameter names, and its forward
+    wraps the unchanged expert forward in token dispatch and combine (all-to-all). Takes and returns what
+    GroupedExperts does: rows sorted by (global) expert and the tokens per expert."""
 
+    group = None
+    ep = num_local = first = 1
+    grad_divisor = 1.0  # parallelize sets ep: see there
 
-class ExpertParallelExperts(nn.Module):
-    """This rank's share of a GroupedExperts: experts [first, first + E/ep), under the same parameter names,
-    plus the all-to-all dispatch and combine around them. A drop-in for GroupedExperts inside MoE."""
-
-    def __init__(self, experts: GroupedExperts, group):
-        super().__init__()
-        self.group = group
-        self.ep, rank = dist.get_world_size(group), dist.get_rank(group)
-        self.num_experts = experts.gate_proj.shape[0]
-        if self.num_experts % self.ep:
-            raise ValueError(f"--ep {self.ep} must divide n_routed_experts ({self.num_experts})")
-        self.num_local = self.num_experts // self.ep
-        self.first = rank * self.num_local
-        self.grad_divisor = 1.0  # parallelize sets ep: see there
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            full = getattr(experts, name).detach()
-            setattr(self, name, nn.Parameter(full[self.first: self.first + self.num_local].clone()))
-
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, d], indices/weights [N, k] (global expert ids) -> [N, d], as GroupedExperts.forward."""
-        n, k = indices.shape
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         ep, local = self.ep, self.num_local
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)  # token slots sorted by expert, hence grouped by the owning rank
-        token = order // k
-        xs = x.index_select(0, token)
-
         # 1. counts first: recv_counts[src, e] = rows rank src sends for my local expert e
-        send_counts = torch.bincount(flat, minlength=self.num_experts)
+        send_counts = num_tokens_per_expert
         recv_counts = _all_to_all(send_counts, [local] * ep, [local] * ep, self.group).view(ep, local)
         send_splits = send_counts.view(ep, local).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
-
-        # 2. tokens out; they arrive grouped by source rank, then by expert: regroup by local expert
-        xr = AllToAll.apply(xs, recv_splits, send_splits, self.group)
+        # 2. dispatch: rows arrive grouped by source rank, then by expert: regroup by local expert
+        xr = AllToAll.apply(x, recv_splits, send_splits, self.group)
         expert_of_row = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(ep),
                                                 recv_counts.flatten(), output_size=xr.shape[0])
         perm = expert_of_row.argsort(stable=True)
-        offsets = recv_counts.sum(0).cumsum(0)
-        params = [self.gate_proj, self.up_proj, self.down_proj]
-        if self.grad_divisor != 1.0:
-            params = [_ScaleGrad.apply(p, self.grad_divisor) for p in params]
-        y = _swiglu_grouped(xr.index_select(0, perm), *params, offsets)
+        y = super().forward(xr.index_select(0, perm), recv_counts.sum(0))
+        # 3. combine: back to arrival order, back to the sending ranks (in the order they were sent)
+        return AllToAll.apply(y.index_select(0, perm.argsort()), send_splits, recv_splits, self.group)
 
-        # 3. back to arrival order, back to the sending ranks, weighted and summed per token
-        y = y.index_select(0, perm.argsort())
-        y = AllToAll.apply(y, send_splits, recv_splits, self.group)
-        y = y * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+    def expert_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if self.grad_divisor != 1.0:
+            w = _ScaleGrad.apply(w, self.grad_divisor)
+        return super().expert_mm(x, w, offsets)
+
+
+_EP_CLASSES: dict[type, type] = {GroupedExperts: ExpertParallelExperts}
+
+
+def make_expert_parallel(experts: GroupedExperts, group) -> GroupedExperts:
+    """Turn `experts` (any GroupedExperts subclass) into this rank's expert-parallel share, in place: its class
+    gains ExpertParallelExperts' dispatch / combine, its weights keep only rows [first, first + E/ep)."""
+    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    num_experts = experts.gate_proj.shape[0]
+    if num_experts % ep:
+        raise ValueError(f"--ep {ep} must divide n_routed_experts ({num_experts})")
+    cls = type(experts)
+    if cls not in _EP_CLASSES:
+        _EP_CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (ExpertParallelExperts, cls), {})
+    experts.__class__ = _EP_CLASSES[cls]
+    experts.group, experts.ep, experts.num_local = group, ep, num_experts // ep
+    experts.first = experts.first_expert = rank * experts.num_local
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        full = getattr(experts, name).detach()
+        setattr(experts, name, nn.Parameter(full[experts.first: experts.first + experts.num_local].clone()))
+    return experts
 
 
 def apply_expert_parallel(module: nn.Module, ep_group) -> None:
-    """Swap every MoE layer's GroupedExperts (module itself included) for this rank's ExpertParallelExperts."""
+    """Make every MoE layer's experts (module itself included) this rank's expert-parallel share."""
     for m in list(module.modules()):
-        if isinstance(m, MoE) and isinstance(m.experts, GroupedExperts):
-            m.experts = ExpertParallelExperts(m.experts, ep_group)
+        if isinstance(m, MoE) and not isinstance(m.experts, ExpertParallelExperts):
+            make_expert_parallel(m.experts, ep_group)
 
 
 def expert_parallel_names(model: nn.Module) -> dict[str, ExpertParallelExperts]:
@@ -222,22 +222,44 @@ def expert_parallel_names(model: nn.Module) -> dict[str, ExpertParallelExperts]:
 
 
 # ------------------------------------------------------------------------------------------ parallelize
-def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None) -> nn.Module:
-    """Make a (fully initialised, identical on every rank) model data + expert parallel, in place.
+def expert_shard_dim(dp: int, local_experts: int) -> int:
+    """Which dim of a [local experts, out, in] weight FSDP shards over `dp` ranks. Dim 0 while every dp rank
+    gets at least one whole expert; dim 1 (the experts' rows) once dp exceeds the local experts, since FSDP pads
+    a dim-0 shard to ceil(E/dp) whole experts and dp > E would store a whole expert on every rank (torchtitan's
+    rule, pytorch/torchtitan distributed/parallel_dims and models/deepseek_v3/infra/parallelize.py)."""
+    return 1 if dp > local_experts else 0
 
-    ep > 1: routed experts split over mesh["ep"] (see ExpertParallelExperts), FSDP-sharded over mesh["dp"].
-    Then fully_shard on every block (transformer layers and MTP modules) and on the root (embedding, head, final
-    norm) over all ranks: parameters, gradients and optimizer state are sharded; each block is all-gathered
-    just before it runs and freed after. `mp_policy` (an FSDP MixedPrecisionPolicy) is passed through.
+
+def _shard_placement_kw(dim: int) -> dict:
+    if dim == 0:
+        return {}
+    if "shard_placement_fn" not in inspect.signature(fully_shard).parameters:
+        raise ValueError(f"sharding experts on dim {dim} needs fully_shard(shard_placement_fn=...), in torch >= 2.6 "
+                         f"(this is {torch.__version__}): use fewer data-parallel ranks per expert group (a larger "
+                         "--ep) or a newer torch")
+    return {"shard_placement_fn": lambda p: Shard(dim)}
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None) -> nn.Module:
+    """Make a model data + expert parallel, in place. The model may be on the meta device (nothing is
+    allocated; materialise with `model.to_empty(device=...)` and `model.init_weights(seed)` afterwards, see
+    build_model) or initialised identically on every rank.
+
+    ep > 1: routed experts split over mesh["ep"] (see ExpertParallelExperts), FSDP-sharded over mesh["dp"] on
+    dim 0, or dim 1 when there are more dp ranks than local experts (expert_shard_dim). Then fully_shard on
+    every block (transformer layers and MTP modules) and on the root (embedding, head, final norm) over all
+    ranks: parameters, gradients and optimizer state are sharded; each block is all-gathered just before it
+    runs and freed after. `mp_policy` (an FSDP MixedPrecisionPolicy) is passed through.
     """
     kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     if ep > 1:
         if mesh["ep"].size() != ep:
             raise ValueError(f"the mesh has an ep dimension of {mesh['ep'].size()}, not {ep}")
         apply_expert_parallel(model, mesh["ep"].get_group())
+        dp = mesh["dp"].size()
         for m in model.modules():
             if isinstance(m, ExpertParallelExperts):
-                fully_shard(m, mesh=mesh["dp"], **kw)
+                fully_shard(m, mesh=mesh["dp"], **kw, **_shard_placement_kw(expert_shard_dim(dp, m.num_local)))
                 # Expert grads arrive summed over the ep group (all-to-all backward); /ep here and FSDP's default
                 # mean over dp give the mean over all ranks. Not set_gradient_divide_factor(world): FSDP makes that
                 # a ReduceOp.PREMUL_SUM reduce-scatter over dp, which gloo does not support.
@@ -249,6 +271,25 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None)
         fully_shard(block, mesh=world_mesh, **kw)
     fully_shard(model, mesh=world_mesh, **kw)
     return model
+
+
+def build_model(cfg, seed: int, device: torch.device, info: DistInfo | None = None, ep: int = 1,
+                convert=None) -> nn.Module:
+    """The training model with no rank ever holding all of it: built on the meta device, `convert(model)` (for
+    example FP8 modules) applied there, parallelized when `info` is given (a process group exists), then only
+    this rank's shards allocated on `device` and initialised shard-invariantly from `seed`
+    (Transformer.init_weights), so the weights equal the single-process model's whatever the layout."""
+    from nanoseek.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if convert is not None:
+        convert(model)
+    if info is not None:
+        parallelize(model, make_mesh(info, ep), ep=ep)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model.train()
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -111,7 +111,7 @@ def test_grouped_experts_match_loop_forward_and_backward(path, monkeypatch):
     idx = torch.stack([torch.randperm(cfg.n_routed_experts)[: cfg.num_experts_per_tok] for _ in range(37)])
     idx[:, 0] = 2  # a crowded expert; several others get nothing
     w = torch.rand(37, cfg.num_experts_per_tok, requires_grad=True)
-    got = ex(x, idx, w)
+    got = moe.route_to_experts(ex, x, idx, w)  # permute, experts(rows sorted by expert, counts), unpermute
     want = loop_experts(ex, x, idx, w)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     g = torch.randn_like(got)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from nanoseek.accounting import memory_per_rank, summary
+from nanoseek.accounting import RECOMPUTE, memory_per_rank, summary
 from nanoseek.cli.common import parser
 from nanoseek.config import ModelConfig
 
@@ -48,7 +48,8 @@ def run(args) -> None:
     c = ModelConfig.load(args.model)
     s = summary(c)
     if args.world_size:
-        s["memory_per_rank"] = memory_per_rank(c, args.world_size, args.ep, args.tokens_per_rank, args.train_dtype)
+        s["memory_per_rank"] = memory_per_rank(c, args.world_size, args.ep, args.tokens_per_rank, args.train_dtype,
+                                              pp=args.pp, recompute=args.recompute)
     if args.json:
         print(json.dumps(s))
         return
@@ -57,7 +58,8 @@ def run(args) -> None:
     if m:
         gib = 2 ** 30
         print(f"\ntraining memory per rank: {m['world_size']} ranks, ep={m['ep']}, {m['dtype']} weights, "
-              f"{m['batch_tokens_per_rank']} tokens per rank (FSDP2 + expert parallel)")
+              f"{m['batch_tokens_per_rank']} tokens per rank, pp={m['pp']}, recompute {m['recompute']} "
+              "(FSDP2 + expert parallel; `nanoseek plan` measures the sharded tensors)")
         for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "gathered_bytes", "activation_bytes", "total_bytes"):
             print(f"  {key.replace('_bytes', ''):<12}{m[key] / gib:>10.1f} GiB")
 
@@ -68,6 +70,9 @@ def register(sub) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--world-size", type=int, default=0, help="also plan training memory per rank on N ranks")
     s.add_argument("--ep", type=int, default=1, help="expert-parallel degree for --world-size")
+    s.add_argument("--pp", type=int, default=1, help="pipeline stages for --world-size (the largest stage is shown)")
+    s.add_argument("--recompute", choices=RECOMPUTE, default="none",
+                   help="activation recomputation for --world-size: none, block or selective")
     s.add_argument("--tokens-per-rank", type=int, default=4096, help="micro-batch tokens per rank for --world-size")
     s.add_argument("--train-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="weights and gradients (default: bfloat16)")

@@ -139,7 +139,15 @@ def _padded_bmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
 
 
 class GroupedExperts(nn.Module):
-    """n_routed_experts SwiGLU experts, weights stacked [E, out, in] under the checkpoint's projection names."""
+    """n_routed_experts SwiGLU experts, weights stacked [E, out, in] under the checkpoint's projection names.
+
+    The interface is torchtitan's (pytorch/torchtitan, models/moe): forward(x, num_tokens_per_expert) takes rows
+    already sorted by expert and returns each row through its expert, unweighted, in the same order. MoE permutes
+    and unpermutes (route_to_experts); expert parallelism wraps the same forward in token dispatch and combine
+    (nanoseek/distributed.py), and FP8 overrides expert_mm, so the expert math exists once.
+    """
+
+    first_expert = 0  # global index of row 0 (expert-parallel shares hold a later range; see model/init.py)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -152,17 +160,32 @@ class GroupedExperts(nn.Module):
         """Rows of x (sorted by expert) times their expert's w [E, out, in] -> [M, out]. FP8 overrides this."""
         return grouped_mm(x, w.transpose(1, 2), offsets)
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, d], indices/weights [N, k] -> sum_j weights[:, j] * expert_{indices[:, j]}(x), [N, d]."""
-        n, k = indices.shape
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)  # token slots sorted by expert
-        token = order // k
-        offsets = torch.bincount(flat, minlength=self.gate_proj.shape[0]).cumsum(0)
-        xs = x.index_select(0, token)  # not x[token]: its CPU backward accumulates in a nondeterministic order
-        h = F.silu(self.expert_mm(xs, self.gate_proj, offsets)) * self.expert_mm(xs, self.up_proj, offsets)
-        y = self.expert_mm(h, self.down_proj, offsets) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x [M, d] sorted by expert, num_tokens_per_expert [E] (summing to M) -> [M, d], row r through its
+        expert's SwiGLU."""
+        if x.shape[0] == 0:  # nothing for these experts: an empty result still wired to the input and to every
+            # weight (zero gradients), so every rank takes part in the backward collectives
+            return x.new_zeros(0, self.down_proj.shape[1]) + 0 * (
+                x.sum() + self.gate_proj.sum() + self.up_proj.sum() + self.down_proj.sum())
+        offsets = num_tokens_per_expert.cumsum(0)
+        h = F.silu(self.expert_mm(x, self.gate_proj, offsets)) * self.expert_mm(x, self.up_proj, offsets)
+        return self.expert_mm(h, self.down_proj, offsets)
+
+
+def route_to_experts(experts: nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                     counts: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j weights[:, j] * expert_{indices[:, j]}(x) for x [N, d], indices/weights [N, k]: the token copies
+    sorted by expert (permute), run by `experts`, weighted and summed back per token (unpermute). `counts`
+    (tokens per expert, as Routing has them) default to a bincount over the experts of `experts`."""
+    k = indices.shape[1]
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)  # token slots sorted by expert
+    token = order // k
+    if counts is None:
+        counts = torch.bincount(flat, minlength=experts.gate_proj.shape[0])
+    xs = x.index_select(0, token)  # not x[token]: its CPU backward accumulates in a nondeterministic order
+    y = experts(xs, counts) * weights.flatten()[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y)
 
 
 class MoE(nn.Module):
@@ -181,7 +204,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         routing = self.gate(x)
         self.last_routing = routing
-        y = self.experts(x, routing.indices, routing.weights)
+        y = route_to_experts(self.experts, x, routing.indices, routing.weights, routing.counts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)

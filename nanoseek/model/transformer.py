@@ -8,7 +8,8 @@ from torch import nn
 
 from nanoseek.checkpoint import DTYPES, read_config, read_state, save_pretrained
 from nanoseek.config import ModelConfig
-from nanoseek.model.block import Block
+from nanoseek.model.block import RECOMPUTE, Block
+from nanoseek.model.init import init_parameters_
 from nanoseek.model.moe import GroupedExperts, MoE, Router
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
@@ -31,9 +32,18 @@ class Transformer(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """N(0, initializer_range) for every matrix, ones for norms, zero router biases."""
+    def init_weights(self, seed: int | None = None) -> None:
+        """N(0, initializer_range) for every matrix, ones for norms, zero biases and router biases.
+
+        With a `seed` (the training path, nanoseek.distributed.build_model): every parameter, each routed expert
+        separately, from its own generator seeded by (seed, name, expert), so the values do not depend on how the
+        model is sharded; works on plain tensors and on DTensor shards after parallelisation
+        (nanoseek/model/init.py). Without one (a plainly constructed model): torch's global generator, module by
+        module, as nn.init does, so torch.manual_seed decides the weights."""
         std = self.config.initializer_range
+        if seed is not None:
+            init_parameters_(self, seed, std)
+            return
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding, Router)):
                 nn.init.normal_(m.weight, std=std)
@@ -109,6 +119,15 @@ class Transformer(nn.Module):
         what balancing and load statistics iterate over."""
         parts = [self.layers, self.mtp] if include_mtp else [self.layers]
         return [m for part in parts for m in part.modules() if isinstance(m, MoE)]
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation in training for every block, the MTP modules' too: "none", "block" or
+        "selective" (see nanoseek/model/block.py)."""
+        if mode not in RECOMPUTE:
+            raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {mode!r}")
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.recompute = mode
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

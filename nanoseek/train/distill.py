@@ -46,7 +46,6 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek import tasks
-from nanoseek.config import ModelConfig
 from nanoseek.engine import SamplingParams
 from nanoseek.eval import completion_text, generate_batched, prompt_ids
 from nanoseek.io_utils import atomic_write_text
@@ -63,44 +62,14 @@ from nanoseek.train.distill_loss import (
     token_divergence,
 )
 from nanoseek.train.loop import Run, lr_at, make_optimizer
+from nanoseek.train.sft import load_conversations
+from nanoseek.train.teacher import check_same_tokenizer  # noqa: F401 (part of this module's API)
 
 FILTERS = ("eos", "format", "length", "language", "repetition", "correct", "duplicate", "per_prompt")
 # Characters a worked answer of the number tasks may use outside the tags: digits, operators, punctuation, space.
 NUMERIC_ALPHABET = string.digits + " \n+-*/=(),.:"
 TASK_ALPHABETS = {"arithmetic": NUMERIC_ALPHABET, "countdown": NUMERIC_ALPHABET}
 MAX_CLAUSE_REPEATS = 3
-
-
-# ---------------------------------------------------------------------------------------------- tokenizers
-def check_same_tokenizer(teacher: str, student: str) -> None:
-    """Raise ValueError, saying what differs, unless the two checkpoints share the tokenizer (vocabulary, BOS /
-    EOS / PAD, special tokens) and the models the vocabulary size: the teacher's logits must index the student's."""
-    t, s = load_tokenizer(teacher), load_tokenizer(student)
-    diffs = []
-    if t.vocab_size != s.vocab_size:
-        diffs.append(f"vocabulary size {t.vocab_size} (teacher) vs {s.vocab_size} (student)")
-    else:
-        tv, sv = t.tok.get_vocab(with_added_tokens=True), s.tok.get_vocab(with_added_tokens=True)
-        moved = sorted(k for k in tv if sv.get(k) != tv[k])
-        if moved:
-            diffs.append(f"{len(moved)} tokens have other ids or are missing in the student (e.g. {moved[0]!r})")
-    for name in ("bos", "eos", "pad"):
-        tt, st = getattr(t, f"{name}_token"), getattr(s, f"{name}_token")
-        if tt != st:
-            diffs.append(f"{name.upper()} token {tt!r} (teacher) vs {st!r} (student)")
-        elif t.tok.token_to_id(tt) != s.tok.token_to_id(st):
-            diffs.append(f"{name.upper()} id {t.tok.token_to_id(tt)} (teacher) vs {s.tok.token_to_id(st)} (student)")
-    ts = {a.content for a in t.tok.get_added_tokens_decoder().values() if a.special}
-    ss = {a.content for a in s.tok.get_added_tokens_decoder().values() if a.special}
-    if ts != ss:
-        diffs.append(f"special tokens only in the teacher: {sorted(ts - ss)}, only in the student: {sorted(ss - ts)}")
-    tc, sc = ModelConfig.from_json(teacher), ModelConfig.from_json(student)
-    if tc.vocab_size != sc.vocab_size:
-        diffs.append(f"model vocab_size {tc.vocab_size} (teacher) vs {sc.vocab_size} (student)")
-    if diffs:
-        raise ValueError(f"teacher {teacher} and student {student} do not share a tokenizer: " + "; ".join(diffs)
-                         + ". Distill only into a student pretrained with the teacher's tokenizer (pass the "
-                           "teacher's tokenizer directory to `nanoseek data prepare`).")
 
 
 # ---------------------------------------------------------------------------------------------- filters
@@ -259,7 +228,6 @@ def _append(path: str, rows: list[dict]) -> None:
 
 
 def _general_rows(path: str, n: int, seed: int) -> list[dict]:
-    from nanoseek.train.sft import load_conversations
 
     convs = load_conversations(path)
     order = random.Random(f"general|{seed}").sample(range(len(convs)), len(convs))

@@ -8,12 +8,14 @@ gamma 1e-3, AdamW betas (0.9, 0.95), weight decay 0.1, clipping at 1.0.
 
 Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel (FSDP2) and, with --ep E, expert parallel; see
 nanoseek/distributed.py. Every rank draws the same global batch and trains on its own slice, so an N-process run
-follows the 1-process run; checkpoints hold the whole model and optimizer, whatever the number of processes.
+follows the 1-process run. A distributed run saves sharded checkpoints (each rank its own shards; see
+nanoseek/train/sharded.py), which resume on any number of processes, or one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -30,7 +32,8 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.plot import plot_run
 from nanoseek.train import balance
 from nanoseek.train.loop import Run, lr_at, make_optimizer
-from nanoseek.train.state import load_checkpoint, save_checkpoint
+from nanoseek.train import sharded
+from nanoseek.train.state import load_checkpoint
 
 DEFAULT_LR = {"nano": 3e-3, "tiny": 3e-3, "small": 1e-3}  # V3's own peak is 2.2e-4 (the default for the large presets)
 
@@ -63,6 +66,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     config: str | None = None  # a config.json whose fields override the preset (vocab_size comes from the data)
     ep: int = 1  # expert-parallel degree under torchrun (routed experts split over groups of ep ranks)
+    recompute: str = "none"  # activation recomputation per block: none, block or selective (model/block.py)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         cfg = ModelConfig.from_json(self.config) if self.config else ModelConfig.from_preset(self.preset)
@@ -151,18 +155,15 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
         raise ValueError(f"the micro-batch ({micro} sequences) must split evenly over {world} processes: "
                          "change --batch-size / --micro-batch-size or the number of processes")
     recipe = FP8Recipe.parse(tc.fp8)
-    if recipe and tc.ep > 1:
-        raise ValueError("--fp8 with --ep > 1 is not supported yet: expert-parallel experts run unquantised")
     torch.manual_seed(tc.seed)
     cfg = tc.model_config(manifest["vocab_size"])
-    model = Transformer(cfg).train()  # the same initial weights on every rank (same seed), sharded below
-    if recipe:
-        convert_to_fp8(model, recipe)
+    # built on the meta device, sharded, then each rank materialises and initialises only its shards: the
+    # weights depend on the seed alone, not on the number of processes or --ep
+    model = distributed.build_model(cfg, tc.seed, info.device if info else torch.device("cpu"), info, tc.ep,
+                                    convert=(lambda m: convert_to_fp8(m, recipe)) if recipe else None)
+    model.set_recompute(tc.recompute)
     lr = tc.lr if tc.lr is not None else DEFAULT_LR.get(tc.preset, 2.2e-4)
     warmup = tc.warmup if tc.warmup is not None else min(100, tc.steps // 10)
-    if info is not None:
-        model.to(info.device)
-        distributed.parallelize(model, distributed.make_mesh(info, tc.ep), ep=tc.ep)
     optimizer = make_optimizer(model, lr, tc.weight_decay)
     # rank 0's sampler on every rank: all draw the same global batch, each trains on its slice
     data = TokenDataset(tc.data, "train", tc.seq_len, seed=tc.seed)
@@ -171,9 +172,11 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
     run = Run(tc.out, tc.steps, "pretrain", model, optimizer, save_every=tc.save_every, keep=tc.keep,
               max_bad_steps=tc.max_bad_steps, tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
               progress=progress, is_main=rank == 0, plot=plot_run)
-    if info is not None:
-        run.save_fn = lambda step, state: _save_distributed(run, step, state, cfg, lr, tc.weight_decay)
-        run.load_fn = lambda path: _load_distributed(path, model, optimizer, cfg, lr, tc.weight_decay)
+    if info is not None:  # each rank writes its own shards (torch.distributed.checkpoint)
+        config_json = json.dumps(cfg.to_dict(), indent=2) + "\n"
+        run.save_fn = lambda step, state: sharded.save_sharded(tc.out, step, model, optimizer, state, config_json,
+                                                               run.tokenizer_dir, tc.keep)
+    run.load_fn = lambda path: _load(path, model, optimizer, info)
     try:
         state = run.start(tc.resume)
         if state:
@@ -229,31 +232,11 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
     return run.summary(plot, final_loss=run.last.get("loss"), val_loss=run.last.get("val_loss"), tokens=tokens_seen)
 
 
-def _plain_model(cfg: ModelConfig) -> Transformer:
-    """An unsharded model without initialisation (meta tensors): a container for whole state."""
-    with torch.device("meta"):
-        return Transformer(cfg)
-
-
-def _save_distributed(run: Run, step: int, state: dict, cfg, lr: float, weight_decay: float) -> None:
-    """Gather whole model and optimizer state (a collective on every rank); rank 0 writes the usual
-    single-process checkpoint from them, so any number of processes can resume it."""
-    model_state = distributed.full_state_dict(run.model)
-    optim_state = distributed.full_optimizer_state_dict(run.model, run.optimizer)
-    if run.is_main:
-        plain = _plain_model(cfg)
-        plain.load_state_dict(model_state, assign=True)
-        plain_optimizer = make_optimizer(plain, lr, weight_decay)
-        plain_optimizer.load_state_dict(optim_state)
-        save_checkpoint(run.out, step, plain, plain_optimizer, state, run.tokenizer_dir, run.keep)
-    torch.distributed.barrier()  # nobody reads `latest` before rank 0 has moved it
-
-
-def _load_distributed(path, model, optimizer, cfg, lr: float, weight_decay: float) -> dict:
-    """Every rank reads the whole checkpoint (shared filesystem) through the single-process loader into a plain
-    model and optimizer, then keeps its own shard."""
-    plain = Transformer(cfg)
-    plain_optimizer = make_optimizer(plain, lr, weight_decay)
-    state = load_checkpoint(path, plain, plain_optimizer)  # also restores the torch RNG
-    distributed.load_full_state(model, optimizer, plain.state_dict(), plain_optimizer.state_dict())
-    return state
+def _load(path, model, optimizer, info) -> dict:
+    """Resume from either kind of checkpoint on any layout: a sharded one (saved by several processes; DCP
+    reshards it) or a transformers-layout one (saved by one process; a distributed run reads only its slices)."""
+    if sharded.is_sharded_checkpoint(path):
+        return sharded.load_sharded(path, model, optimizer)
+    if info is None:
+        return load_checkpoint(path, model, optimizer)
+    return sharded.load_pretrained_slices(path, model, optimizer)

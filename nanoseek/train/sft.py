@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from nanoseek.model import Transformer
 from nanoseek.plot import plot_run
 from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train.distill_loss import exact_loss
 from nanoseek.train.loop import Run, lr_at, make_optimizer
+from nanoseek.train.teacher import check_same_tokenizer
 
 
 @dataclass
@@ -168,8 +170,6 @@ def sft_loss(model, ids: torch.Tensor, target: torch.Tensor, positions: torch.Te
     ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     loss = torch.where(keep, ce, torch.zeros_like(ce)).sum() / max(n, 1)
     if teacher is not None and kd_weight > 0:
-        from nanoseek.train.distill_loss import exact_loss
-
         with torch.no_grad():
             t_logits = _packed_forward(teacher, ids, positions, doc)
         kd = exact_loss(logits, t_logits, keep, kd_beta)
@@ -201,8 +201,6 @@ def train(tc: SFTConfig, progress: bool = True, plot: bool = False) -> dict:
     if tc.kd_weight > 0:
         if not tc.teacher:
             raise ValueError("--kd-weight needs --teacher: a checkpoint that shares the student's tokenizer")
-        from nanoseek.train.distill import check_same_tokenizer
-
         check_same_tokenizer(tc.teacher, tc.model)
         teacher = Transformer.from_pretrained(tc.teacher, dtype=torch.float32).eval().requires_grad_(False)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
