@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.engine.decode import decode_head, decode_layer
+from nanoseek.engine.decode import decode_head, decode_layer, mtp_input
 from tests.test_engine import PROMPTS, rel_err, stream_tokens_and_logits, tiny_model
 
 GREEDY = SamplingParams(12, temperature=0)
@@ -94,3 +94,22 @@ def test_compiled_step_same_tokens_as_plain():
         assert rel_err(l_fast[0], l_plain[0]) < 1e-4
     assert not fast.compiled.failed and fast.compiled.compile_seconds > 0
     assert fast.generate(PROMPTS, GREEDY) == plain.generate(PROMPTS, GREEDY)  # ragged: plain path, then fast
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    os.environ.get("NANOSEEK_TEST_COMPILE") != "1", reason="compiles for ~30 s; NANOSEEK_TEST_COMPILE=1 runs it"))])
+def test_fast_speculative_same_tokens_as_plain(compiled):
+    """Batch-1 self-speculative decoding through the fast step, drafts accepted and rejected: plain greedy tokens."""
+    from tests.test_engine import near_bigram_model
+    model = near_bigram_model(0.3)
+    fast = Engine(model, max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp32", compile=True)
+    if not compiled:
+        fast.compiled._layer, fast.compiled._head = decode_layer, decode_head
+        fast.compiled._mtp_input = mtp_input
+    plain = Engine(model, max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp32", compile=False)
+    p = SamplingParams(16, temperature=0)
+    for prompt in PROMPTS:
+        expect = plain.generate([prompt], p)
+        assert fast.generate([prompt], p, speculative=True) == expect
+        assert 0 < fast.stats.accepted < fast.stats.drafted
+    assert "speculate" in fast.compiled._kinds and not fast.compiled.failed

@@ -109,8 +109,16 @@ def decode_layer(h, cos, sin, c_cache, k_cache, pos, w: dict, cfg):
 
 
 def decode_head(h, norm_w, head_w, eps: float):
-    """Final norm and output head for h [N, d] -> fp32 logits [N, vocab]."""
-    return _mv(_rms(h, norm_w, eps), head_w).float()
+    """Final norm and output head for h [N, d] -> (normalised h [N, d], fp32 logits [N, vocab])."""
+    h = _rms(h, norm_w, eps)
+    return h, _mv(h, head_w).float()
+
+
+def mtp_input(emb, h_prev, enorm_w, hnorm_w, eh_w, eps: float):
+    """An MTP module's block input (nanoseek/model/mtp.py): eh_proj([enorm(Emb(next)) ; hnorm(h_prev)]), [b, t, d]."""
+    b, t, d = emb.shape
+    x = torch.cat([_rms(emb, enorm_w, eps), _rms(h_prev, hnorm_w, eps)], dim=-1).view(b * t, 2 * d)
+    return _mv(x, eh_w).view(b, t, d)
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -152,9 +160,10 @@ def layer_weights(layer) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- per engine
 class CompiledDecode:
-    """The engine's compiled decode step: batch-1 steps of the main model (t new tokens, 1 for plain decoding).
+    """The engine's compiled decode steps at batch 1: plain decoding (one new token) and self-speculative
+    verification (two, then the MTP module's draft; nanoseek/engine/speculative.py).
 
-    `compile_seconds` is the time of the first step (when the compiler traces and builds the kernels), paid once
+    `compile_seconds` sums the first step of each kind (when the compiler traces and builds its kernels), paid once
     per engine; later steps only run them. If compilation or a compiled step fails, one warning says so and the
     engine decodes with its plain path from then on (`failed` set)."""
 
@@ -166,43 +175,78 @@ class CompiledDecode:
                           and head.bias is None and type(model.norm) is RMSNorm
                           # the cache is read as stored: fp32 or bf16 caches of the model's dtype, not fp8
                           and cache.c_kv[0].dtype == cache.model_dtype)
+        mtp = model.mtp[0] if len(model.mtp) else None
+        self.mtp_weights = layer_weights(mtp.block) if mtp is not None else None
+        self.mtp_supported = (self.supported and self.mtp_weights is not None and type(mtp.eh_proj) is nn.Linear
+                              and mtp.eh_proj.bias is None
+                              and all(type(m) is RMSNorm for m in (mtp.enorm, mtp.hnorm, mtp.shared_head.norm)))
         self.failed = False
         self.compile_seconds: float | None = None
-        # static shapes except the cached length, marked dynamic per call (_step)
+        self._kinds: set = set()
+        # static shapes except the cached length, marked dynamic per call (_layers)
         self._layer = torch.compile(decode_layer)
         self._head = torch.compile(decode_head)
+        self._mtp_input = torch.compile(mtp_input)
 
-    def usable(self, rows) -> bool:
-        return self.supported and not self.failed and isinstance(rows, slice) and rows.stop - rows.start == 1
+    def usable(self, rows, speculative: bool = False) -> bool:
+        return (self.supported and not self.failed and (self.mtp_supported or not speculative)
+                and isinstance(rows, slice) and rows.stop - rows.start == 1)
 
-    def __call__(self, rows: slice, n: int, tokens: torch.Tensor) -> torch.Tensor | None:
-        """Feed tokens [1, t] at positions n .. n+t-1 of cache row `rows`; fp32 logits [t, vocab], or None after
-        a failure (the caller then runs its plain path, which rewrites the same cache positions)."""
+    def _run(self, kind, fn, *args):
+        """fn(*args), timing the first call of each kind as compile time; None after a failure (the caller then runs
+        its plain path, which rewrites the same cache positions)."""
         t0 = time.perf_counter()
         try:
-            out = self._step(rows, n, tokens)
+            out = fn(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: decode eagerly
             self.failed = True
             warnings.warn(f"nanoseek: compiling the decode step failed ({type(e).__name__}: {str(e)[:200]}); "
-                          "decoding eagerly (NANOSEEK_COMPILE=0 skips the attempt)", RuntimeWarning, stacklevel=3)
+                          "decoding eagerly (NANOSEEK_COMPILE=0 skips the attempt)", RuntimeWarning, stacklevel=4)
             return None
-        if self.compile_seconds is None:
-            self.compile_seconds = time.perf_counter() - t0
+        if kind not in self._kinds:
+            self._kinds.add(kind)
+            self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - t0
         return out
 
-    def _step(self, rows: slice, n: int, tokens: torch.Tensor) -> torch.Tensor:
-        model, cache, cfg = self.model, self.cache, self.cfg
-        t = tokens.shape[1]
-        pos = torch.arange(n, n + t, device=tokens.device)[None]
-        cos, sin = model.rope(pos)
-        h = model.embed_tokens(tokens)
-        S = n + t
-        for i, w in enumerate(self.weights):
-            c, k = cache.c_kv[i][rows], cache.k_rope[i][rows]
+    def __call__(self, rows: slice, n: int, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Feed tokens [1, t] at positions n .. n+t-1 of cache row `rows`; fp32 logits [t, vocab] (None: failed)."""
+        out = self._run(("step", tokens.shape[1]), self._forward, rows, n, tokens)
+        return None if out is None else out[1]
+
+    def speculate(self, rows: slice, n: int, pending: torch.Tensor, draft: torch.Tensor, mtp_cache):
+        """speculative.spec_step for one row: verify [pending, draft] at n, n+1, then the MTP module's next draft
+        (its latents go to `mtp_cache`). Returns what spec_step returns, or None after a failure."""
+        return self._run("speculate", self._speculate, rows, n, pending, draft, mtp_cache)
+
+    def _layers(self, h, pos, rows, n, t, cache, weights):
+        cos, sin = self.model.rope(pos)
+        for i, w in enumerate(weights):
             # dynamic over the cached length: one compiled kernel set serves every context length
-            c_s, k_s = c[:, :S], k[:, :S]
-            torch._dynamo.maybe_mark_dynamic(c_s, 1)
-            torch._dynamo.maybe_mark_dynamic(k_s, 1)
-            h = self._layer(h, cos, sin, c_s, k_s, pos, w, cfg)
-        return self._head(h.view(t, -1), model.norm.weight.detach(), model.lm_head.weight.detach(), cfg.rms_norm_eps)
+            c, k = cache.c_kv[i][rows, : n + t], cache.k_rope[i][rows, : n + t]
+            torch._dynamo.maybe_mark_dynamic(c, 1)
+            torch._dynamo.maybe_mark_dynamic(k, 1)
+            h = self._layer(h, cos, sin, c, k, pos, w, self.cfg)
+        return h
+
+    def _forward(self, rows: slice, n: int, tokens: torch.Tensor):
+        model, t = self.model, tokens.shape[1]
+        pos = torch.arange(n, n + t, device=tokens.device)[None]
+        h = self._layers(model.embed_tokens(tokens), pos, rows, n, t, self.cache, self.weights)
+        return self._head(h.view(t, -1), model.norm.weight.detach(), model.lm_head.weight.detach(),
+                          self.cfg.rms_norm_eps)
+
+    def _speculate(self, rows: slice, n: int, pending: torch.Tensor, draft: torch.Tensor, mtp_cache):
+        model, mtp, eps = self.model, self.model.mtp[0], self.cfg.rms_norm_eps
+        h, logits = self._forward(rows, n, torch.stack([pending, draft], dim=1))  # [2, d], [2, vocab]
+        greedy = logits.argmax(dim=-1)
+        accepted = (greedy[:1] == draft).long()  # [1]
+        bonus = greedy[accepted]
+        # MTP module at n, n+1 on (h_j, main model's greedy token after j); only the accepted row drafts
+        pos = torch.arange(n, n + 2, device=h.device)[None]
+        x = self._mtp_input(model.embed_tokens(greedy[None]), h[None], mtp.enorm.weight.detach(),
+                            mtp.hnorm.weight.detach(), mtp.eh_proj.weight.detach(), eps)
+        h1 = self._layers(x, pos, rows, n, 2, mtp_cache, [self.mtp_weights])
+        _, draft_logits = self._head(h1[0].index_select(0, accepted), mtp.shared_head.norm.weight.detach(),
+                                     model.lm_head.weight.detach(), eps)
+        return logits[None], accepted, bonus, draft_logits.argmax(dim=-1)
 
