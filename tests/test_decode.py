@@ -7,10 +7,9 @@ import os
 import warnings
 
 import pytest
-import torch
 
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.engine.decode import decode_head, decode_layer, mtp_input
+from nanoseek.engine.decode import decode_forward, speculate_forward
 from tests.test_engine import PROMPTS, rel_err, stream_tokens_and_logits, tiny_model
 
 GREEDY = SamplingParams(12, temperature=0)
@@ -19,7 +18,7 @@ GREEDY = SamplingParams(12, temperature=0)
 def fast_engine(kind="v3", compiled=False, **kw):
     engine = Engine(tiny_model(kind), max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp32", compile=True, **kw)
     if not compiled:  # the same step functions, run eagerly
-        engine.compiled._layer, engine.compiled._head = decode_layer, decode_head
+        engine.compiled._decode, engine.compiled._spec = decode_forward, speculate_forward
     return engine
 
 
@@ -58,7 +57,7 @@ def test_compiler_failure_warns_once_and_decodes_eagerly():
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler")
 
-    fast.compiled._layer = broken
+    fast.compiled._decode = broken
     with pytest.warns(RuntimeWarning, match="decoding eagerly"):
         out = fast.generate([PROMPTS[0]], GREEDY)
     assert fast.compiled.failed
@@ -104,8 +103,7 @@ def test_fast_speculative_same_tokens_as_plain(compiled):
     model = near_bigram_model(0.3)
     fast = Engine(model, max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp32", compile=True)
     if not compiled:
-        fast.compiled._layer, fast.compiled._head = decode_layer, decode_head
-        fast.compiled._mtp_input = mtp_input
+        fast.compiled._decode, fast.compiled._spec = decode_forward, speculate_forward
     plain = Engine(model, max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp32", compile=False)
     p = SamplingParams(16, temperature=0)
     for prompt in PROMPTS:

@@ -4,17 +4,21 @@ function per step, `torch.compile`d, touching only the active experts).
 At batch 1 a decode step should cost one read of every active weight. The plain path (`Engine.decode`, the model's
 own modules) spends most of its time elsewhere: hundreds of small ops per layer, each dispatched from Python, and
 BLAS matrix-vector products that stream rows of 512 numbers at half the machine's bandwidth. Here one block step is
-a free function of plain tensors, `decode_layer`, and the final norm and output head another, `decode_head`; both
-are compiled once per engine, so each becomes a few fused kernels:
+a free function of plain tensors, `decode_layer`, the final norm and output head another, `decode_head`, and a
+whole step `decode_forward` (`speculate_forward` for MTP self-speculation) is compiled once per engine into one
+graph of a few fused kernels per layer:
 
   - a product with one row of activations is written `(x * w).sum(-1)`, which the compiler turns into one
     streaming reduction over w (on the 2-core CPU of BENCHMARKS.md: ~3x the GB/s of BLAS gemv for the 32000 x 512
-    output head);
+    output head; two rows, as speculative verification has, fuse into the same pass, 4x faster than F.linear);
   - routed experts are gathered by index inside that reduction, `(w[idx] * x).sum(-1)` (gpt-fast's MoE): only
     the top-k experts' rows are read, with no sort, no per-expert loop and no host sync;
   - RoPE, RMSNorm, the latent-cache write, the absorbed attention (DeepSeek-V2 section 2.1.2) and its mask fuse
-    around them; the mask comes from positions (key s visible to row i while s <= n_i), so ragged rows need no
-    separate mask and the cached length is a dynamic dimension (one compile, not one per length).
+    around them; the mask comes from positions (key s visible to row i while s <= n_i), and the cached length is a
+    dynamic dimension (one compile, not one per length).
+
+The functions take any batch; the engine runs them at batch 1, where decoding is bound by weight reads, and keeps
+its plain path for larger batches (not measured faster here) and prefill.
 
 The math is the model's (nanoseek/model/mla.py `attend_absorbed`, moe.py, norm.py, rope.py); the tests check the
 greedy tokens equal the plain path's. Where the compiler is missing or fails, the engine warns once and decodes
@@ -48,10 +52,12 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [N, in] times w [out, in] transposed. One row: a product and row sum that compiles to one streaming
-    reduction over w, accumulated in fp32; more rows: a matmul, which reads w once for all of them."""
-    if x.shape[0] == 1:
-        return (x[:, None, :].float() * w.float()).sum(-1).to(x.dtype)
+    """x [N, in] times w [out, in] transposed. One or two rows (decoding, speculative verification): a product and
+    row sum per row, which the compiler turns into one streaming reduction over w that serves both rows (w read
+    once; accumulated in fp32). More rows: a matmul, which also reads w once for all of them."""
+    if x.shape[0] <= 2:
+        wf = w.float()
+        return torch.stack([(row.float() * wf).sum(-1) for row in x.unbind(0)]).to(x.dtype)
     return F.linear(x, w)
 
 
@@ -121,6 +127,33 @@ def mtp_input(emb, h_prev, enorm_w, hnorm_w, eh_w, eps: float):
     return _mv(x, eh_w).view(b, t, d)
 
 
+def decode_forward(tokens, cos, sin, pos, c_caches, k_caches, weights, norm_w, head_w, embed_w, cfg):
+    """A whole decode step, one graph once compiled (one guard check and one call per step, not one per layer):
+    tokens [b, t] at positions pos [b, t] through every layer (lists: each layer's cache rows and weights), then the
+    final norm and head. Returns (normalised hidden states [b * t, d], fp32 logits [b * t, vocab])."""
+    h = F.embedding(tokens, embed_w)
+    for c, k, w in zip(c_caches, k_caches, weights):
+        h = decode_layer(h, cos, sin, c, k, pos, w, cfg)
+    return decode_head(h.view(-1, h.shape[-1]), norm_w, head_w, cfg.rms_norm_eps)
+
+
+def speculate_forward(tokens, cos, sin, pos, c_caches, k_caches, weights, norm_w, head_w, embed_w, mtp_c, mtp_k,
+                      mtp_w, cfg):
+    """nanoseek/engine/speculative.py spec_step for one row, as one graph: verify tokens [1, 2] = [pending, draft]
+    with the main model, then run the first MTP module at both positions on (h_j, the main model's greedy token
+    after j) and draft from the accepted position only. Returns logits [1, 2, vocab], accepted [1], bonus [1],
+    next draft [1]."""
+    h, logits = decode_forward(tokens, cos, sin, pos, c_caches, k_caches, weights, norm_w, head_w, embed_w, cfg)
+    greedy = logits.argmax(dim=-1)  # [2]
+    accepted = (greedy[:1] == tokens[0, 1:]).long()
+    bonus = greedy[accepted]
+    x = mtp_input(F.embedding(greedy[None], embed_w), h[None], mtp_w["enorm"], mtp_w["hnorm"], mtp_w["eh_proj"],
+                  cfg.rms_norm_eps)
+    h1 = decode_layer(x, cos, sin, mtp_c, mtp_k, pos, mtp_w, cfg)
+    _, draft_logits = decode_head(h1[0].index_select(0, accepted), mtp_w["head_norm"], head_w, cfg.rms_norm_eps)
+    return logits[None], accepted, bonus, draft_logits.argmax(dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------- weights
 def layer_weights(layer) -> dict | None:
     """The tensors decode_layer reads for one Block (the parameters themselves, so training updates show), or None
@@ -160,8 +193,8 @@ def layer_weights(layer) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- per engine
 class CompiledDecode:
-    """The engine's compiled decode steps at batch 1: plain decoding (one new token) and self-speculative
-    verification (two, then the MTP module's draft; nanoseek/engine/speculative.py).
+    """The engine's compiled decode steps at batch 1: plain decoding (one new token, decode_forward) and
+    self-speculative verification (two, then the MTP module's draft: speculate_forward).
 
     `compile_seconds` sums the first step of each kind (when the compiler traces and builds its kernels), paid once
     per engine; later steps only run them. If compilation or a compiled step fails, one warning says so and the
@@ -175,18 +208,22 @@ class CompiledDecode:
                           and head.bias is None and type(model.norm) is RMSNorm
                           # the cache is read as stored: fp32 or bf16 caches of the model's dtype, not fp8
                           and cache.c_kv[0].dtype == cache.model_dtype)
+        self.head = (model.norm.weight.detach(), head.weight.detach(), model.embed_tokens.weight.detach())
         mtp = model.mtp[0] if len(model.mtp) else None
         self.mtp_weights = layer_weights(mtp.block) if mtp is not None else None
         self.mtp_supported = (self.supported and self.mtp_weights is not None and type(mtp.eh_proj) is nn.Linear
                               and mtp.eh_proj.bias is None
                               and all(type(m) is RMSNorm for m in (mtp.enorm, mtp.hnorm, mtp.shared_head.norm)))
+        if self.mtp_supported:
+            self.mtp_weights.update(enorm=mtp.enorm.weight.detach(), hnorm=mtp.hnorm.weight.detach(),
+                                    eh_proj=mtp.eh_proj.weight.detach(),
+                                    head_norm=mtp.shared_head.norm.weight.detach())
         self.failed = False
         self.compile_seconds: float | None = None
         self._kinds: set = set()
-        # static shapes except the cached length, marked dynamic per call (_layers)
-        self._layer = torch.compile(decode_layer)
-        self._head = torch.compile(decode_head)
-        self._mtp_input = torch.compile(mtp_input)
+        # static shapes except the cached length, marked dynamic per call (_caches)
+        self._decode = torch.compile(decode_forward)
+        self._spec = torch.compile(speculate_forward)
 
     def usable(self, rows, speculative: bool = False) -> bool:
         return (self.supported and not self.failed and (self.mtp_supported or not speculative)
@@ -208,45 +245,30 @@ class CompiledDecode:
             self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - t0
         return out
 
+    @staticmethod
+    def _caches(cache, rows: slice, length: int):
+        """Each layer's cache rows up to `length`, that dimension marked dynamic: one compiled graph serves every
+        context length."""
+        cs, ks = [c[rows, :length] for c in cache.c_kv], [k[rows, :length] for k in cache.k_rope]
+        for x in cs + ks:
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+        return cs, ks
+
+    def _inputs(self, rows: slice, n: int, tokens: torch.Tensor):
+        t = tokens.shape[1]
+        pos = torch.arange(n, n + t, device=tokens.device)[None]
+        cos, sin = self.model.rope(pos)
+        return (tokens, cos, sin, pos, *self._caches(self.cache, rows, n + t), self.weights, *self.head)
+
     def __call__(self, rows: slice, n: int, tokens: torch.Tensor) -> torch.Tensor | None:
         """Feed tokens [1, t] at positions n .. n+t-1 of cache row `rows`; fp32 logits [t, vocab] (None: failed)."""
-        out = self._run(("step", tokens.shape[1]), self._forward, rows, n, tokens)
+        out = self._run(("step", tokens.shape[1]), self._decode, *self._inputs(rows, n, tokens), self.cfg)
         return None if out is None else out[1]
 
     def speculate(self, rows: slice, n: int, pending: torch.Tensor, draft: torch.Tensor, mtp_cache):
         """speculative.spec_step for one row: verify [pending, draft] at n, n+1, then the MTP module's next draft
         (its latents go to `mtp_cache`). Returns what spec_step returns, or None after a failure."""
-        return self._run("speculate", self._speculate, rows, n, pending, draft, mtp_cache)
-
-    def _layers(self, h, pos, rows, n, t, cache, weights):
-        cos, sin = self.model.rope(pos)
-        for i, w in enumerate(weights):
-            # dynamic over the cached length: one compiled kernel set serves every context length
-            c, k = cache.c_kv[i][rows, : n + t], cache.k_rope[i][rows, : n + t]
-            torch._dynamo.maybe_mark_dynamic(c, 1)
-            torch._dynamo.maybe_mark_dynamic(k, 1)
-            h = self._layer(h, cos, sin, c, k, pos, w, self.cfg)
-        return h
-
-    def _forward(self, rows: slice, n: int, tokens: torch.Tensor):
-        model, t = self.model, tokens.shape[1]
-        pos = torch.arange(n, n + t, device=tokens.device)[None]
-        h = self._layers(model.embed_tokens(tokens), pos, rows, n, t, self.cache, self.weights)
-        return self._head(h.view(t, -1), model.norm.weight.detach(), model.lm_head.weight.detach(),
-                          self.cfg.rms_norm_eps)
-
-    def _speculate(self, rows: slice, n: int, pending: torch.Tensor, draft: torch.Tensor, mtp_cache):
-        model, mtp, eps = self.model, self.model.mtp[0], self.cfg.rms_norm_eps
-        h, logits = self._forward(rows, n, torch.stack([pending, draft], dim=1))  # [2, d], [2, vocab]
-        greedy = logits.argmax(dim=-1)
-        accepted = (greedy[:1] == draft).long()  # [1]
-        bonus = greedy[accepted]
-        # MTP module at n, n+1 on (h_j, main model's greedy token after j); only the accepted row drafts
-        pos = torch.arange(n, n + 2, device=h.device)[None]
-        x = self._mtp_input(model.embed_tokens(greedy[None]), h[None], mtp.enorm.weight.detach(),
-                            mtp.hnorm.weight.detach(), mtp.eh_proj.weight.detach(), eps)
-        h1 = self._layers(x, pos, rows, n, 2, mtp_cache, [self.mtp_weights])
-        _, draft_logits = self._head(h1[0].index_select(0, accepted), mtp.shared_head.norm.weight.detach(),
-                                     model.lm_head.weight.detach(), eps)
-        return logits[None], accepted, bonus, draft_logits.argmax(dim=-1)
-
+        tokens = torch.stack([pending, draft], dim=1)
+        (mtp_c,), (mtp_k,) = self._caches(mtp_cache, rows, n + 2)
+        return self._run("speculate", self._spec, *self._inputs(rows, n, tokens), mtp_c, mtp_k, self.mtp_weights,
+                         self.cfg)
