@@ -59,7 +59,8 @@ class Engine:
 
     compile: batch-1 decode steps run a compiled step (nanoseek/engine/decode.py) where torch.compile works; None
     reads NANOSEEK_COMPILE (0 off, 1 or unset on). The first such step compiles (`compile_seconds`, once per
-    engine); if compilation fails, one warning and the plain eager path from then on.
+    engine); if compilation fails, one warning and the plain eager path from then on. Prefill and batches > 1 always
+    take the plain path.
 
     A request must satisfy len(prompt) + max_new_tokens <= max_seq_len; otherwise generate raises ValueError
     before computing anything (no silent truncation). The engine is single-threaded: one generate/stream (or
@@ -99,7 +100,8 @@ class Engine:
 
     @property
     def compile_seconds(self) -> float | None:
-        """Time of the first compiled decode step (tracing and building kernels); None before it or when off."""
+        """Seconds the first compiled decode step of each kind took (plain, speculative: tracing and building kernels,
+        once per engine); None before the first or when compilation is off."""
         return None if self.compiled is None else self.compiled.compile_seconds
 
     def kv_cache_bytes_per_token(self) -> int:
