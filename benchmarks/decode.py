@@ -1,11 +1,20 @@
-"""Decode speed and KV-cache size: nanoseek's Engine (latent cache, absorbed decode) beside transformers'
-DeepseekV3ForCausalLM (model.generate, DynamicCache, sdpa attention) on the same random weights.
+"""Decode speed against the memory roofline, and KV-cache size: nanoseek's Engine (latent cache, absorbed decode)
+beside transformers' DeepseekV3ForCausalLM (model.generate, DynamicCache, sdpa attention) on the same random weights.
+nanoseek runs twice: its plain eager path (compile=False) and the compiled batch-1 decode step
+(nanoseek/engine/decode.py; batch > 1 takes the plain path either way).
 
     python benchmarks/decode.py                 # contexts 256, 2048, 8192 at batch 1 and 8
     python benchmarks/decode.py --quick         # 256 and 2048, batch 1
     python benchmarks/decode.py --contexts 8192 --batches 1 --json
     python benchmarks/decode.py --compare-prefill   # also time nanoseek prefill: expanded vs absorbed attention
     python benchmarks/decode.py --speculative runs/demo/run/latest --repeats 11   # MTP self-speculative decoding
+
+Roofline: at batch 1 a decode step is bound by reading the weights. The same run measures this machine's
+weight-read rate (GB/s of a large matrix-vector product, 16384 x 8192, at the benchmark's dtype and thread count)
+and counts the bytes a decode step must read from the config: every active parameter less the embedding (one row
+of it is read) at the weight dtype, the experts that a batch of b tokens chooses (b tokens of uniform routing pick
+E (1 - (1 - k/E)^b) distinct experts of E), plus the latent cache read at the mean context of the decode. Achieved
+GB/s = bytes per token x tok/s; the roofline fraction is that over the measured rate.
 
 Both run greedy with no stop token for --new-tokens tokens. Prefill time is the time to the first new token;
 decode tokens/s counts the remaining batch * (new_tokens - 1) tokens over the time after it (transformers is
@@ -45,6 +54,37 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def weight_read_rate(dtype: torch.dtype, repeats: int = 9) -> float:
+    """GB/s of a large matrix-vector product (16384 x 8192, 537 MB in fp32) at the current thread count: the
+    rate at which this machine streams weights from memory. Median of `repeats` after two warm-ups."""
+    w = torch.randn(16384, 8192).to(dtype)
+    x = torch.randn(8192).to(dtype)
+    for _ in range(2):
+        torch.mv(w, x)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mv(w, x)
+        ts.append(time.perf_counter() - t0)
+    return w.numel() * w.element_size() / statistics.median(ts) / 1e9
+
+
+def step_bytes(cfg, model, batch: int, context: float, weight_bytes: int, cache_bytes_per_token: int) -> float:
+    """Bytes one decode step of `batch` rows must read: the main model's parameters less the embedding and the
+    MTP modules, with only the routed experts the batch chooses, plus each row's latent cache up to `context`."""
+    embed = model.embed_tokens.weight
+    mtp = {id(p) for p in model.mtp.parameters()}
+    experts = {id(p) for m in model.moe_layers(include_mtp=False) for p in m.experts.parameters()}
+    dense = sum(p.numel() for p in model.parameters() if id(p) not in mtp and id(p) not in experts and p is not embed)
+    routed = sum(p.numel() for m in model.moe_layers(include_mtp=False) for p in m.experts.parameters())
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    chosen = e * (1 - (1 - k / e) ** batch) if e else 0
+    if cfg.tie_word_embeddings:  # the output head is the embedding, read whole
+        dense += embed.numel()
+    params = dense + (routed * chosen / e if e else 0) + cfg.hidden_size * batch  # one embedding row per token
+    return params * weight_bytes + batch * context * cache_bytes_per_token
 
 
 def build_models(preset: str, dtype: torch.dtype, seed: int):
@@ -146,6 +186,8 @@ def time_speculative(ckpt: str, prompt: str, new_tokens: int, repeats: int) -> d
         engine.generate(prompts, greedy, speculative=True)
         t_spec.append(time.perf_counter() - t0)
     return {"identical": plain == spec, "acceptance_rate": acceptance, "repeats": repeats,
+            "compiled": engine.compile_seconds is not None and not engine.compiled.failed,
+            "compile_s": engine.compile_seconds,
             "plain_s": _spread(t_plain), "speculative_s": _spread(t_spec),
             "speedup": _spread([p / s for p, s in zip(t_plain, t_spec)])}
 
@@ -183,6 +225,8 @@ def main(argv=None):
         print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
               f"torch {info['torch']}")
         print(f"same tokens as plain greedy: {res['identical']}; draft acceptance {res['acceptance_rate']:.0%}")
+        print("decode steps: " + (f"compiled (both plain and speculative; {res['compile_s']:.1f} s to compile, in the "
+                                  "untimed warm-up)" if res["compiled"] else "plain eager path (NANOSEEK_COMPILE=0)"))
         for name in ("plain_s", "speculative_s"):
             r = res[name]
             print(f"{name[:-2]:>12}: median {r['median']:.3f} s (min {r['min']:.3f}, max {r['max']:.3f})")
@@ -195,31 +239,49 @@ def main(argv=None):
 
     cfg, ours, hf = build_models(args.preset, dtype, args.seed)
     max_seq_len = max(args.contexts) + args.new_tokens
-    engines = {b: Engine(ours, max_batch_size=b, max_seq_len=max_seq_len, kv_cache_dtype=args.dtype)
-               for b in args.batches}
+    engines = {(b, comp): Engine(ours, max_batch_size=b, max_seq_len=max_seq_len, kv_cache_dtype=args.dtype,
+                                 compile=comp) for b in args.batches for comp in (False, True)}
     bytes_ours = {d: Engine(ours, max_batch_size=1, max_seq_len=16, kv_cache_dtype=d).kv_cache_bytes_per_token()
                   for d in ("fp32", "bf16", "fp8")}
     bytes_hf = hf_cache_bytes_per_token(hf, 64)
     hf_elem = torch.finfo(dtype).bits // 8
 
-    # warm up both (first calls allocate and pick kernels)
-    run_ours(engines[args.batches[0]], [[1, 2, 3, 4]], 4)
+    # warm up all (first calls allocate and pick kernels; the compiled engines compile their batch-1 step here)
+    for (b, comp), eng in engines.items():
+        run_ours(eng, [[1, 2, 3, 4]] * b, 4)
+        if comp and b == 1:
+            run_ours(eng, [[1, 2, 3, 4]], 4)  # a second request: compiled once per engine, not per request
+    compile_s = next((e.compile_seconds for (b, c), e in engines.items() if c and e.compile_seconds), None)
+    compile_failed = any(e.compiled is not None and e.compiled.failed for e in engines.values())
     run_hf(hf, torch.tensor([[1, 2, 3, 4]]), 4)
+    # memory streams bytes whatever their type, but CPU bf16 gemv is far slower than fp32's: the roofline is the
+    # faster of the two rates
+    rates = {name: weight_read_rate(dt) for name, dt in DTYPES.items()}
+    rate = max(rates[args.dtype], rates["fp32"])
+    wbytes = torch.finfo(dtype).bits // 8
 
     rows = []
     g = torch.Generator().manual_seed(args.seed)
     for ctx in args.contexts:
         for b in args.batches:
             prompts = torch.randint(2, cfg.vocab_size, (b, ctx), generator=g)
-            o_tok, o_pre, o_dec = run_ours(engines[b], prompts.tolist(), args.new_tokens)
+            p_tok, p_pre, p_dec = run_ours(engines[b, False], prompts.tolist(), args.new_tokens)
+            o_tok, o_pre, o_dec = run_ours(engines[b, True], prompts.tolist(), args.new_tokens)
             h_tok, h_pre, h_dec = run_hf(hf, prompts, args.new_tokens)
             n = b * (args.new_tokens - 1)
-            row = dict(context=ctx, batch=b, nanoseek_decode_tok_s=n / o_dec, hf_decode_tok_s=n / h_dec,
-                       nanoseek_prefill_s=o_pre, hf_prefill_s=h_pre,
-                       same_tokens=sum(x == y for x, y in zip(o_tok, h_tok)) / b)
+            per_token = step_bytes(cfg, ours, b, ctx + args.new_tokens / 2, wbytes, bytes_ours[args.dtype]) / b
+            row = dict(context=ctx, batch=b, mb_per_token=per_token / 1e6,
+                       plain_decode_tok_s=n / p_dec, nanoseek_decode_tok_s=n / o_dec, hf_decode_tok_s=n / h_dec,
+                       plain_prefill_s=p_pre, nanoseek_prefill_s=o_pre, hf_prefill_s=h_pre,
+                       same_tokens=sum(x == y for x, y in zip(o_tok, h_tok)) / b,
+                       same_as_plain=sum(x == y for x, y in zip(o_tok, p_tok)) / b)
+            for key in ("plain", "nanoseek"):
+                row[f"{key}_gb_s"] = per_token * row[f"{key}_decode_tok_s"] / 1e9
+                row[f"{key}_roofline"] = row[f"{key}_gb_s"] / rate
             row["decode_speedup"] = row["nanoseek_decode_tok_s"] / row["hf_decode_tok_s"]
             rows.append(row)
-            print(f"  ctx {ctx:5d} batch {b}: nanoseek {row['nanoseek_decode_tok_s']:.1f} tok/s, "
+            print(f"  ctx {ctx:5d} batch {b}: nanoseek {row['nanoseek_decode_tok_s']:.1f} tok/s "
+                  f"({row['nanoseek_roofline']:.0%} of roofline; plain {row['plain_decode_tok_s']:.1f}), "
                   f"transformers {row['hf_decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
 
     prefill_paths = {}
@@ -232,13 +294,25 @@ def main(argv=None):
           f"{args.dtype} weights and caches, greedy, {args.new_tokens} new tokens")
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
           f"torch {info['torch']}\n")
-    print("| context | batch | nanoseek decode tok/s | transformers decode tok/s | speedup | nanoseek prefill s "
-          "| transformers prefill s | same tokens |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"weight-read roofline: {rate:.1f} GB/s (torch.mv of a 16384 x 8192 matrix, {info['torch_threads']} "
+          f"threads: fp32 {rates['fp32']:.1f} GB/s, bf16 {rates['bf16']:.1f} GB/s; the faster one)")
+    if compile_failed:
+        print("compiled decode step: compilation FAILED, the 'compiled' columns ran the plain eager path")
+    else:
+        print(f"compiled decode step: compiled in {compile_s:.1f} s, once per engine (first batch-1 step)"
+              if compile_s else "compiled decode step: not run (no batch-1 engine)")
+    print("plain = nanoseek's eager path (compile=False), before; compiled = the default, after. MB/token: weights and "
+          "latent cache one decode token must read; roofline % = MB/token x tok/s over the measured rate.\n")
+    print("| context | batch | MB/token | plain tok/s | plain % roofline | compiled tok/s | compiled GB/s "
+          "| compiled % roofline | transformers tok/s | speedup vs transformers | nanoseek prefill s "
+          "| transformers prefill s | same tokens as transformers | same as plain |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['context']} | {r['batch']} | {r['nanoseek_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} | "
-              f"{r['decode_speedup']:.2f}x | {r['nanoseek_prefill_s']:.2f} | {r['hf_prefill_s']:.2f} | "
-              f"{r['same_tokens']:.0%} |")
+        print(f"| {r['context']} | {r['batch']} | {r['mb_per_token']:.1f} | {r['plain_decode_tok_s']:.1f} | "
+              f"{r['plain_roofline']:.0%} | {r['nanoseek_decode_tok_s']:.1f} | {r['nanoseek_gb_s']:.1f} | "
+              f"{r['nanoseek_roofline']:.0%} | {r['hf_decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x | "
+              f"{r['nanoseek_prefill_s']:.2f} | {r['hf_prefill_s']:.2f} | {r['same_tokens']:.0%} | "
+              f"{r['same_as_plain']:.0%} |")
     print(f"\nKV cache bytes per token ({cfg.num_hidden_layers} layers): transformers DynamicCache {args.dtype} "
           f"{bytes_hf:,}; nanoseek latent fp32 {bytes_ours['fp32']:,}, bf16 {bytes_ours['bf16']:,}, "
           f"fp8 {bytes_ours['fp8']:,}")
@@ -251,6 +325,8 @@ def main(argv=None):
             for c, v in prefill_paths.items()))
     if args.json:
         print(json.dumps({"machine": info, "preset": args.preset, "dtype": args.dtype, "new_tokens": args.new_tokens,
+                          "weight_read_gb_s": rate, "weight_read_gb_s_by_dtype": rates, "compile_s": compile_s,
+                          "compile_failed": compile_failed,
                           "rows": rows, "kv_cache_bytes_per_token": {"transformers": bytes_hf, "nanoseek": bytes_ours},
                           "prefill_paths": prefill_paths}))
 

@@ -92,6 +92,30 @@ def prepare_data(inputs: list[str], tokenizer_dir: str, out_dir: str, val_fracti
     val_fraction=0 gives no validation split.
     The whole directory is built beside out_dir and renamed into place: no half-written data directory.
     """
+    _check_prepare_args(inputs, out_dir, val_fraction, shard_tokens)
+    tok = load_tokenizer(tokenizer_dir)
+    dtype = token_dtype(tok.vocab_size)
+    n_docs = _count_documents(inputs)
+    if n_docs == 0:
+        raise DataError(f"all {len(inputs)} input file(s) are empty; nothing to tokenize")
+    val_docs = _val_documents(n_docs, val_fraction, seed)
+
+    with atomic_directory(out_dir) as tmp:
+        train = _ShardWriter(tmp, "train", shard_tokens, dtype)
+        val = _ShardWriter(tmp, "val", shard_tokens, dtype)
+        _tokenize(inputs, tok, n_docs, val_docs, train, val, show_progress)
+        if n_docs == 1 and val_fraction > 0:
+            _split_tail(train, val, val_fraction)
+        train.close()
+        val.close()
+        copy_tokenizer(tokenizer_dir, os.path.join(tmp, "tokenizer"))
+        manifest = _manifest(inputs, tok, dtype, val_fraction, seed, train, val)
+        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _check_prepare_args(inputs: list[str], out_dir: str, val_fraction: float, shard_tokens: int) -> None:
+    """prepare_data's argument checks, before any tokenizer is loaded or file read."""
     check_inputs(inputs)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -101,52 +125,49 @@ def prepare_data(inputs: list[str], tokenizer_dir: str, out_dir: str, val_fracti
         # atomic_directory replaces out_dir wholesale; never do that to a folder that is not ours
         raise DataError(f"output directory {out_dir!r} exists and is not a nanoseek data directory; "
                         f"choose a new --out")
-    tok = load_tokenizer(tokenizer_dir)
-    dtype, eos = token_dtype(tok.vocab_size), tok.eos_id
 
-    n_docs = _count_documents(inputs)
-    if n_docs == 0:
-        raise DataError(f"all {len(inputs)} input file(s) are empty; nothing to tokenize")
+
+def _val_documents(n_docs: int, val_fraction: float, seed: int) -> set[int]:
+    """Indices of the held-out documents: a seeded choice, none for a single document."""
     n_val = 0 if val_fraction == 0 or n_docs == 1 else max(1, round(val_fraction * n_docs))
     n_val = min(n_val, n_docs - 1)  # keep at least one training document
-    val_docs = set(np.random.default_rng(seed).permutation(n_docs)[:n_val].tolist())
+    return set(np.random.default_rng(seed).permutation(n_docs)[:n_val].tolist())
 
-    with atomic_directory(out_dir) as tmp:
-        train = _ShardWriter(tmp, "train", shard_tokens, dtype)
-        val = _ShardWriter(tmp, "val", shard_tokens, dtype)
-        bar = tqdm(total=n_docs, desc="tokenizing", unit="doc", disable=not show_progress)
-        doc_index, batch = 0, []
-        for text in (t for path in inputs for t in iter_documents(path)):
-            batch.append(text)
-            if len(batch) == 64:  # encode_batch tokenizes a batch in parallel (Rust threads)
-                doc_index = _encode_into(tok, batch, doc_index, val_docs, eos, train, val, bar)
-                batch = []
-        _encode_into(tok, batch, doc_index, val_docs, eos, train, val, bar)
-        bar.close()
-        if n_docs == 1 and val_fraction > 0:
-            _split_tail(train, val, val_fraction)
-        train.close()
-        val.close()
-        copy_tokenizer(tokenizer_dir, os.path.join(tmp, "tokenizer"))
-        manifest = {
-            "format": FORMAT,
-            "dtype": dtype.name,
-            "vocab_size": tok.vocab_size,
-            "eos_id": eos,
-            "bos_id": tok.bos_id,
-            "tokenizer": "tokenizer",
-            "inputs": [os.path.abspath(p) for p in inputs],
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "train_tokens": train.tokens,
-            "val_tokens": val.tokens,
-            "splits": {
-                "train": {"documents": train.documents, "tokens": train.tokens, "shards": train.shards},
-                "val": {"documents": val.documents, "tokens": val.tokens, "shards": val.shards},
-            },
-        }
-        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2) + "\n")
-    return manifest
+
+def _tokenize(inputs: list[str], tok, n_docs: int, val_docs: set[int], train: _ShardWriter, val: _ShardWriter,
+              show_progress: bool) -> None:
+    """Second pass: every document, with EOS after it, into the train or val writer."""
+    bar = tqdm(total=n_docs, desc="tokenizing", unit="doc", disable=not show_progress)
+    eos, doc_index, batch = tok.eos_id, 0, []
+    for text in (t for path in inputs for t in iter_documents(path)):
+        batch.append(text)
+        if len(batch) == 64:  # encode_batch tokenizes a batch in parallel (Rust threads)
+            doc_index = _encode_into(tok, batch, doc_index, val_docs, eos, train, val, bar)
+            batch = []
+    _encode_into(tok, batch, doc_index, val_docs, eos, train, val, bar)
+    bar.close()
+
+
+def _manifest(inputs: list[str], tok, dtype: np.dtype, val_fraction: float, seed: int, train: _ShardWriter,
+              val: _ShardWriter) -> dict:
+    """manifest.json's contents: how the data was made and what each split holds."""
+    return {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
+        "tokenizer": "tokenizer",
+        "inputs": [os.path.abspath(p) for p in inputs],
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "train_tokens": train.tokens,
+        "val_tokens": val.tokens,
+        "splits": {
+            "train": {"documents": train.documents, "tokens": train.tokens, "shards": train.shards},
+            "val": {"documents": val.documents, "tokens": val.tokens, "shards": val.shards},
+        },
+    }
 
 
 def _encode_into(tok, texts, doc_index, val_docs, eos, train, val, bar) -> int:

@@ -1,8 +1,13 @@
 """Shared test setup: one torch thread (tiny models gain nothing from threads, CI has 2 cores, and single-threaded
 CPU kernels are deterministic), and one small tokenizer + prepared corpus for the training tests."""
 
+import os
+
 import pytest
 import torch
+
+# the suite runs the plain eager decode path; tests/test_decode.py turns the compiled one on where it checks it
+os.environ.setdefault("NANOSEEK_COMPILE", "0")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.engine.cache import CACHE_DTYPES, LatentCache
+from nanoseek.engine.decode import CompiledDecode, compile_default
 from nanoseek.engine.prefix_cache import PrefixCache
 from nanoseek.engine.sampling import SamplingParams, TokenEvent
 from nanoseek.engine.scheduler import Request, Scheduler
@@ -56,13 +57,19 @@ class Engine:
     prefill_budget the most over all requests (default: no limit): offline, a batch of prompts prefills at once as
     before; a server chunks long prompts so that rows already decoding keep getting tokens.
 
+    compile: batch-1 decode steps run a compiled step (nanoseek/engine/decode.py) where torch.compile works; None
+    reads NANOSEEK_COMPILE (0 off, 1 or unset on). The first such step compiles (`compile_seconds`, once per
+    engine); if compilation fails, one warning and the plain eager path from then on. Prefill and batches > 1 always
+    take the plain path.
+
     A request must satisfy len(prompt) + max_new_tokens <= max_seq_len; otherwise generate raises ValueError
     before computing anything (no silent truncation). The engine is single-threaded: one generate/stream (or
     the server's loop) drives it at a time.
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, kv_cache_dtype: str | None = None,
-                 prefix_cache_tokens: int = 0, prefill_chunk: int | None = None, prefill_budget: int | None = None):
+                 prefix_cache_tokens: int = 0, prefill_chunk: int | None = None, prefill_budget: int | None = None,
+                 compile: bool | None = None):
         cfg = model.config
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
@@ -83,12 +90,19 @@ class Engine:
         # prefill attention path: expanded SDPA measured faster on CPU (benchmarks/decode.py --compare-prefill)
         self.prefill_absorb = False
         self.scheduler = Scheduler(self, prefill_chunk or max_seq_len, prefill_budget)
+        self.compiled = CompiledDecode(model, self.cache) if (compile_default() if compile is None else compile) else None
         model.eval()
 
     def _new_cache(self, n_layers: int) -> LatentCache:
         c = self.cfg
         return LatentCache(n_layers, self.max_batch_size, self.max_seq_len, c.kv_lora_rank, c.qk_rope_head_dim,
                            self.kv_cache_dtype, self.dtype, self.device)
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """Seconds the first compiled decode step of each kind took (plain, speculative: tracing and building kernels,
+        once per engine); None before the first or when compilation is off."""
+        return None if self.compiled is None else self.compiled.compile_seconds
 
     def kv_cache_bytes_per_token(self) -> int:
         """Bytes of the main model's allocated latent cache per token slot (all layers, scales included)."""
@@ -221,10 +235,15 @@ class Engine:
     @torch.inference_mode()
     def decode(self, rows: list[int], n: list[int], pending: list[int]) -> torch.Tensor:
         """One absorbed decode step: feed each row's pending token at position n_i; next logits [b, vocab] fp32."""
+        idx = self.rows_index(rows)
+        if self.compiled is not None and self.compiled.usable(idx):
+            logits = self.compiled(idx, n[0], torch.tensor([pending], device=self.device))
+            if logits is not None:
+                return logits
         n_t = torch.tensor(n, device=self.device)
         pos = n_t[:, None]
         kv_len = max(n) + 1
-        self.cache.set_step(self.rows_index(rows), pos, kv_len)
+        self.cache.set_step(idx, pos, kv_len)
         h = self.model.hidden_states(torch.tensor(pending, device=self.device)[:, None], pos,
                                      self.step_mask(n_t, 1, kv_len), self.cache.views, absorb=True)
         return self.model.lm_head(h[:, -1]).float()

@@ -41,7 +41,15 @@ def spec_step(engine, rows, n: torch.Tensor, pending: torch.Tensor, drafts: torc
     Cache bookkeeping: both caches get positions n and n+1 written; the valid length becomes n + 1 + a, so a
     rejected draft's latent is simply left beyond the valid length (rewound) and overwritten later. The MTP
     module reads, at position n + j, h_{n+j} and Emb(main model's greedy token after position n + j), which for
-    j <= a is the committed token x_{n+j+1}; its output at j = a drafts x_{n+a+2}."""
+    j <= a is the committed token x_{n+j+1}; its output at j = a drafts x_{n+a+2}.
+
+    One row goes through the engine's compiled step where it has one (nanoseek/engine/decode.py): once decoding is
+    bound by reading the weights, verifying two tokens costs about what one does."""
+    fast = engine.compiled
+    if fast is not None and fast.usable(rows, speculative=True):
+        out = fast.speculate(rows, int(n[0]), pending, drafts, engine.mtp_cache)
+        if out is not None:
+            return out
     b = n.shape[0]
     pos = n[:, None] + torch.arange(2, device=n.device)
     kv_len = int(n.max()) + 2

@@ -18,78 +18,97 @@ from nanoseek.serve.protocol import APIError, ChatRequest, TextState, chat_messa
 def add_chat_route(app, h: Handler) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
-        req = await h.read(request, ChatRequest)
+        c = _Chat(h, await h.read(request, ChatRequest), request)
+        if c.req.stream:
+            return StreamingResponse(c.sse(), media_type="text/event-stream")
+        return await c.response()
+
+
+def _delta(think: str, text: str) -> dict:
+    """A stream delta: the reasoning under both names DeepSeek and others read, content only when there is some."""
+    delta = {"reasoning_content": think, "reasoning": think} if think else {}
+    if text:
+        delta["content"] = text
+    return delta
+
+
+class _Chat:
+    """One /v1/chat/completions request: its n engine requests, the text they produced, and the replies."""
+
+    def __init__(self, h: Handler, req: ChatRequest, request: HTTPRequest):
         if not req.messages:
             raise APIError(400, "messages must be a non-empty list", "messages", "invalid_value")
-        ids = h.tokenizer.encode_chat(chat_messages(req), add_generation_prompt=True)
-        reqs = [Request(ids, h.params(req, ids, i, "messages")) for i in range(req.n)]
-        job = h.job(reqs, request)
-        states = {r.id: TextState(h.tokenizer, True, req.stop_strings()) for r in reqs}
-        index = {r.id: i for i, r in enumerate(reqs)}
-        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.h, self.req = h, req
+        self.ids = h.tokenizer.encode_chat(chat_messages(req), add_generation_prompt=True)
+        self.reqs = [Request(self.ids, h.params(req, self.ids, i, "messages")) for i in range(req.n)]
+        self.job = h.job(self.reqs, request)
+        self.states = {r.id: TextState(h.tokenizer, True, req.stop_strings()) for r in self.reqs}
+        self.index = {r.id: i for i, r in enumerate(self.reqs)}
+        self.cid, self.now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def finish_reason(r: Request) -> str:
-            return "stop" if states[r.id].stopped or r.finish_reason == "stop" else "length"
+    def finish_reason(self, r: Request) -> str:
+        """Why the choice ended: a stop string or stop token, else the token limit."""
+        return "stop" if self.states[r.id].stopped or r.finish_reason == "stop" else "length"
 
-        def total_usage() -> dict:
-            return usage(len(ids) * len(reqs), sum(len(r.output) for r in reqs), sum(r.cached_tokens for r in reqs),
-                         sum(s.reasoning_tokens for s in states.values()))
+    def total_usage(self) -> dict:
+        """Usage summed over the n choices, with their reasoning tokens."""
+        reqs = self.reqs
+        return usage(len(self.ids) * len(reqs), sum(len(r.output) for r in reqs), sum(r.cached_tokens for r in reqs),
+                     sum(s.reasoning_tokens for s in self.states.values()))
 
-        if not req.stream:
-            async for kind, x in job:
+    async def response(self):
+        """The whole reply once every choice is done; 499 when the client left."""
+        async for kind, x in self.job:
+            if kind == "token":
+                self.states[x.request.id].push(x.token)
+                if self.states[x.request.id].stopped:
+                    self.job.stop(x.request)
+        for st in self.states.values():
+            st.flush()
+        if self.job.disconnected:  # nobody to answer
+            return Response(status_code=499)
+        choices = [{"index": self.index[r.id], "finish_reason": self.finish_reason(r), "logprobs": None,
+                    "message": {"role": "assistant", "content": self.states[r.id].content,
+                                "reasoning_content": self.states[r.id].reasoning,
+                                "reasoning": self.states[r.id].reasoning}} for r in self.reqs]
+        return {"id": self.cid, "object": "chat.completion", "created": self.now, "model": self.h.model_name,
+                "choices": choices, "usage": self.total_usage()}
+
+    def chunk(self, choices, **extra) -> str:
+        """One SSE event; with include_usage every chunk has a usage key (null until the last)."""
+        body = {"id": self.cid, "object": "chat.completion.chunk", "created": self.now, "model": self.h.model_name,
+                "choices": choices, **extra}
+        if self.include_usage() and "usage" not in extra:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n"
+
+    def delta_chunk(self, r: Request, delta: dict, finish_reason: str | None) -> str:
+        """One SSE event carrying one choice's delta."""
+        return self.chunk([{"index": self.index[r.id], "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+
+    def include_usage(self) -> bool:
+        """Whether the stream ends with a usage chunk (stream_options.include_usage)."""
+        return bool(self.req.stream_options and self.req.stream_options.include_usage)
+
+    async def sse(self):
+        """The SSE stream: a role chunk per choice, deltas as text is released, a last delta with the finish_reason
+        per choice, then [DONE]."""
+        for r in self.reqs:
+            yield self.delta_chunk(r, {"role": "assistant", "content": ""}, None)
+        try:
+            async for kind, x in self.job:
+                r = x.request if kind == "token" else x
+                st = self.states[r.id]
                 if kind == "token":
-                    states[x.request.id].push(x.token)
-                    if states[x.request.id].stopped:
-                        job.stop(x.request)
-            for st in states.values():
-                st.flush()
-            if job.disconnected:  # nobody to answer
-                return Response(status_code=499)
-            choices = [{"index": index[r.id], "finish_reason": finish_reason(r), "logprobs": None,
-                        "message": {"role": "assistant", "content": states[r.id].content,
-                                    "reasoning_content": states[r.id].reasoning,
-                                    "reasoning": states[r.id].reasoning}} for r in reqs]
-            return {"id": cid, "object": "chat.completion", "created": now, "model": h.model_name,
-                    "choices": choices, "usage": total_usage()}
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(choices, **extra) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": h.model_name,
-                    "choices": choices, **extra}
-            if include_usage and "usage" not in extra:
-                body["usage"] = None
-            return f"data: {json.dumps(body)}\n\n"
-
-        async def sse():
-            for r in reqs:
-                yield chunk([{"index": index[r.id], "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None}])
-            try:
-                async for kind, x in job:
-                    r = x.request if kind == "token" else x
-                    st = states[r.id]
-                    if kind == "token":
-                        think, text = st.push(x.token)
-                        delta = {"reasoning_content": think, "reasoning": think} if think else {}
-                        if text:
-                            delta["content"] = text
-                        if delta:
-                            yield chunk([{"index": index[r.id], "delta": delta, "logprobs": None,
-                                          "finish_reason": None}])
-                        if not st.stopped:
-                            continue
-                        job.stop(r)
-                    think, text = st.flush()
-                    delta = {"reasoning_content": think, "reasoning": think} if think else {}
-                    if text:
-                        delta["content"] = text
-                    yield chunk([{"index": index[r.id], "delta": delta, "logprobs": None,
-                                  "finish_reason": finish_reason(r)}])
-                if include_usage:
-                    yield chunk([], usage=total_usage())
-                yield "data: [DONE]\n\n"
-            except APIError as e:
-                yield f"data: {json.dumps(e.body())}\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
+                    delta = _delta(*st.push(x.token))
+                    if delta:
+                        yield self.delta_chunk(r, delta, None)
+                    if not st.stopped:
+                        continue
+                    self.job.stop(r)
+                yield self.delta_chunk(r, _delta(*st.flush()), self.finish_reason(r))
+            if self.include_usage():
+                yield self.chunk([], usage=self.total_usage())
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"

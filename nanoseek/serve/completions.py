@@ -16,106 +16,134 @@ from nanoseek.serve.protocol import APIError, CompletionRequest, TextState, usag
 
 
 def add_completions_route(app, h: Handler) -> None:
-    def token_strs(ids: list[int]) -> list[str]:
-        return [h.tokenizer.decode([t]) for t in ids]
-
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        req = await h.read(request, CompletionRequest)
+        c = _Completion(h, await h.read(request, CompletionRequest), request)
+        if c.req.stream:
+            return StreamingResponse(c.sse(), media_type="text/event-stream")
+        return await c.response()
+
+
+def _engine_requests(h: Handler, req: CompletionRequest, encoded: list[list[int]]) -> tuple[list[Request], dict]:
+    """n engine requests per prompt, and each one's (choice index, prompt index)."""
+    reqs, origin = [], {}
+    for pi, ids in enumerate(encoded):
+        for j in range(req.n):
+            r = Request(list(ids), h.params(req, list(ids), pi * req.n + j, "prompt"), logprobs=req.logprobs,
+                        prompt_logprobs=req.echo and req.logprobs is not None)
+            origin[r.id] = (len(reqs), pi)
+            reqs.append(r)
+    return reqs, origin
+
+
+def _text_offsets(strs: list[str]) -> list[int]:
+    """Where each token's text starts in the concatenated text."""
+    offsets, o = [], 0
+    for s in strs:
+        offsets.append(o)
+        o += len(s)
+    return offsets
+
+
+class _Completion:
+    """One /v1/completions request: its engine requests, the text and logprobs they produced, and the replies."""
+
+    def __init__(self, h: Handler, req: CompletionRequest, request: HTTPRequest):
         prompts = req.prompts()
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
-        encoded = [h.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
-        reqs, origin = [], {}
-        for pi, ids in enumerate(encoded):
-            for j in range(req.n):
-                r = Request(list(ids), h.params(req, list(ids), pi * req.n + j, "prompt"), logprobs=req.logprobs,
-                            prompt_logprobs=req.echo and req.logprobs is not None)
-                origin[r.id] = (len(reqs), pi)
-                reqs.append(r)
-        job = h.job(reqs, request)
-        states = {r.id: TextState(h.tokenizer, False, req.stop_strings()) for r in reqs}
-        lps: dict[int, list] = {r.id: [] for r in reqs}
-        cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.h, self.req = h, req
+        self.encoded = [h.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        self.reqs, self.origin = _engine_requests(h, req, self.encoded)
+        self.job = h.job(self.reqs, request)
+        self.states = {r.id: TextState(h.tokenizer, False, req.stop_strings()) for r in self.reqs}
+        self.lps: dict[int, list] = {r.id: [] for r in self.reqs}
+        self.cid, self.now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def finish_reason(r: Request) -> str:
-            return "stop" if states[r.id].stopped or r.finish_reason == "stop" else "length"
+    def finish_reason(self, r: Request) -> str:
+        """Why the choice ended: a stop string or stop token, else the token limit."""
+        return "stop" if self.states[r.id].stopped or r.finish_reason == "stop" else "length"
 
-        def logprobs_of(r: Request):
-            if req.logprobs is None:
-                return None
-            toks, vals, tops = [], [], []
-            if req.echo:
-                toks += r.prompt
-                vals.append(None)
-                tops.append(None)
-                for lp, top in r.prompt_logprob_values:
-                    vals.append(lp)
-                    tops.append({h.tokenizer.decode([t]): v for t, v in top[: max(req.logprobs, 1)]})
-            for tok, lp, top in lps[r.id]:
-                toks.append(tok)
+    def logprobs_of(self, r: Request):
+        """OpenAI's legacy logprobs object; with echo the prompt tokens come first (the first has no logprob)."""
+        if self.req.logprobs is None:
+            return None
+        decode = self.h.tokenizer.decode
+        toks, vals, tops = [], [], []
+        if self.req.echo:
+            toks += r.prompt
+            vals.append(None)
+            tops.append(None)
+            for lp, top in r.prompt_logprob_values:
                 vals.append(lp)
-                tops.append({h.tokenizer.decode([t]): v for t, v in (top or [])} or {h.tokenizer.decode([tok]): lp})
-            strs = token_strs(toks)
-            offsets, o = [], 0
-            for s in strs:
-                offsets.append(o)
-                o += len(s)
-            return {"tokens": strs, "token_logprobs": vals, "top_logprobs": tops, "text_offset": offsets}
+                tops.append({decode([t]): v for t, v in top[: max(self.req.logprobs, 1)]})
+        for tok, lp, top in self.lps[r.id]:
+            toks.append(tok)
+            vals.append(lp)
+            tops.append({decode([t]): v for t, v in (top or [])} or {decode([tok]): lp})
+        strs = [decode([t]) for t in toks]
+        return {"tokens": strs, "token_logprobs": vals, "top_logprobs": tops, "text_offset": _text_offsets(strs)}
 
-        def text_of(r: Request) -> str:
-            prefix = h.tokenizer.decode(encoded[origin[r.id][1]]) if req.echo else ""
-            return prefix + states[r.id].content
+    def text_of(self, r: Request) -> str:
+        """The choice's text, after the decoded prompt when echo is set."""
+        prefix = self.h.tokenizer.decode(self.encoded[self.origin[r.id][1]]) if self.req.echo else ""
+        return prefix + self.states[r.id].content
 
-        def total_usage() -> dict:
-            return usage(sum(len(r.prompt) for r in reqs), sum(len(r.output) for r in reqs),
-                         sum(r.cached_tokens for r in reqs))
+    def total_usage(self) -> dict:
+        """Usage summed over every choice of every prompt."""
+        reqs = self.reqs
+        return usage(sum(len(r.prompt) for r in reqs), sum(len(r.output) for r in reqs),
+                     sum(r.cached_tokens for r in reqs))
 
-        def on_token(ev) -> str:
-            st = states[ev.request.id]
-            piece = st.push(ev.token)[1]
-            if req.logprobs is not None:
-                lps[ev.request.id].append((ev.token, ev.logprob, ev.top))
-            if st.stopped:
-                job.stop(ev.request)
-            return piece
+    def on_token(self, ev) -> str:
+        """Feed one token to its text (and logprobs); returns the text it releases, stopping at a stop string."""
+        st = self.states[ev.request.id]
+        piece = st.push(ev.token)[1]
+        if self.req.logprobs is not None:
+            self.lps[ev.request.id].append((ev.token, ev.logprob, ev.top))
+        if st.stopped:
+            self.job.stop(ev.request)
+        return piece
 
-        if not req.stream:
-            async for kind, x in job:
+    async def response(self):
+        """The whole reply once every choice is done; 499 when the client left."""
+        async for kind, x in self.job:
+            if kind == "token":
+                self.on_token(x)
+        for st in self.states.values():
+            st.flush()
+        if self.job.disconnected:
+            return Response(status_code=499)
+        choices = [{"index": self.origin[r.id][0], "text": self.text_of(r), "logprobs": self.logprobs_of(r),
+                    "finish_reason": self.finish_reason(r)} for r in self.reqs]
+        return {"id": self.cid, "object": "text_completion", "created": self.now, "model": self.h.model_name,
+                "choices": choices, "usage": self.total_usage()}
+
+    def chunk(self, choices, **extra) -> str:
+        """One SSE event."""
+        return "data: " + json.dumps({"id": self.cid, "object": "text_completion", "created": self.now,
+                                      "model": self.h.model_name, "choices": choices, **extra}) + "\n\n"
+
+    def choice_chunk(self, r: Request, text: str, finish_reason: str | None) -> str:
+        """One SSE event carrying one choice's text."""
+        return self.chunk([{"index": self.origin[r.id][0], "text": text, "logprobs": None,
+                            "finish_reason": finish_reason}])
+
+    async def sse(self):
+        """The SSE stream: text as it is released, a last chunk per choice with its finish_reason, then [DONE]."""
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        try:
+            async for kind, x in self.job:
+                r = x.request if kind == "token" else x
                 if kind == "token":
-                    on_token(x)
-            for st in states.values():
-                st.flush()
-            if job.disconnected:
-                return Response(status_code=499)
-            choices = [{"index": origin[r.id][0], "text": text_of(r), "logprobs": logprobs_of(r),
-                        "finish_reason": finish_reason(r)} for r in reqs]
-            return {"id": cid, "object": "text_completion", "created": now, "model": h.model_name,
-                    "choices": choices, "usage": total_usage()}
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(choices, **extra) -> str:
-            return "data: " + json.dumps({"id": cid, "object": "text_completion", "created": now,
-                                          "model": h.model_name, "choices": choices, **extra}) + "\n\n"
-
-        async def sse():
-            try:
-                async for kind, x in job:
-                    r = x.request if kind == "token" else x
-                    if kind == "token":
-                        piece = on_token(x)
-                        if piece:
-                            yield chunk([{"index": origin[r.id][0], "text": piece, "logprobs": None,
-                                          "finish_reason": None}])
-                        if not states[r.id].stopped:
-                            continue
-                    yield chunk([{"index": origin[r.id][0], "text": states[r.id].flush()[1], "logprobs": None,
-                                  "finish_reason": finish_reason(r)}])
-                if include_usage:
-                    yield chunk([], usage=total_usage())
-                yield "data: [DONE]\n\n"
-            except APIError as e:
-                yield f"data: {json.dumps(e.body())}\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
+                    piece = self.on_token(x)
+                    if piece:
+                        yield self.choice_chunk(r, piece, None)
+                    if not self.states[r.id].stopped:
+                        continue
+                yield self.choice_chunk(r, self.states[r.id].flush()[1], self.finish_reason(r))
+            if include_usage:
+                yield self.chunk([], usage=self.total_usage())
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
