@@ -47,17 +47,18 @@ class DemoConfig:
     easy_docs: int = 8000
     hard_docs: int = 800  # four-number sums worked as a chain of easy steps
     direct_docs: int = 800  # four-number sums answered in one step
-    pretrain_steps: int = 600
+    pretrain_steps: int = 1200
     pretrain_batch: int = 16
-    grpo_steps: int = 30
+    grpo_steps: int = 40
     grpo_prompts: int = 16
     grpo_group: int = 8
     max_new_tokens: int = 48
     eval_n: int = 200  # held-out problems
     eval_samples: int = 4
-    distill_prompts: int = 256
-    distill_generations: int = 4
-    student_pretrain_steps: int = 400
+    distill_prompts: int = 400
+    distill_generations: int = 2  # at T 0.6 a teacher repeats itself: more prompts beat more samples
+    student_pretrain_steps: int = 600
+    student_epochs: float = 4.0
     serve: bool = True
 
     @classmethod
@@ -65,7 +66,7 @@ class DemoConfig:
         """Every stage at toy size: the whole path in about a minute."""
         return cls(out=out, easy_docs=400, hard_docs=60, direct_docs=60, pretrain_steps=8, pretrain_batch=8,
                    grpo_steps=2, grpo_prompts=4, grpo_group=4, max_new_tokens=24, eval_n=8, eval_samples=2,
-                   distill_prompts=8, distill_generations=2, student_pretrain_steps=4)
+                   distill_prompts=8, distill_generations=2, student_pretrain_steps=4, student_epochs=1.0)
 
 
 class Stages:
@@ -188,7 +189,7 @@ def _distill_stage(stage: Stages, dc: DemoConfig, data: str, teacher: str, task)
             traces = gen["out"]
         print("      " + distill.format_yield(gen["yield"]).replace("\n", "\n      "))
         sc = sft.SFTConfig(model=os.path.join(tc.out, "latest"), data=traces, out=os.path.join(dc.out, "student"),
-                           epochs=2.0, batch_size=8, seq_len=256, lr=1e-3, seed=0)
+                           epochs=dc.student_epochs, batch_size=8, seq_len=256, lr=1e-3, seed=0)
         sft.train(sc, progress=True)
         scores = _score(os.path.join(sc.out, "latest"), dc, task)
         print("      " + _row(scores))

@@ -149,7 +149,6 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
     micro = tc.micro_batch_size or tc.batch_size
     if tc.batch_size % micro:
         raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --micro-batch-size {micro}")
-    accum = tc.batch_size // micro
     world, rank = (info.world_size, info.rank) if info else (1, 0)
     if micro % world:
         raise ValueError(f"the micro-batch ({micro} sequences) must split evenly over {world} processes: "
@@ -188,29 +187,7 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
             step_lr = lr_at(step, tc.steps, lr, warmup, tc.schedule, tc.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
-            counts = [torch.zeros(cfg.n_routed_experts, dtype=torch.long) for _ in moe]
-            parts_sum = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-            for _ in range(accum):
-                x, y = data.batch(micro)
-                if info is not None:
-                    x, y = (t.tensor_split(world)[rank].to(info.device) for t in (x, y))
-                loss, parts = compute_loss(model, x, y, tc)
-                (loss / accum).backward()
-                for c, layer in zip(counts, moe):
-                    c += layer.last_routing.counts.cpu()
-                for k, v in parts.items():
-                    parts_sum[k] += v.item() / accum
-            if info is None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            else:
-                grad_norm = float(distributed.clip_grad_norm_(model, tc.grad_clip))
-                # losses: mean over ranks (equal slices); expert counts: summed over ranks, so the bias update
-                # and the load statistics see the whole global batch, identically on every rank
-                reduced = distributed.all_reduce_sum(torch.tensor(list(parts_sum.values()), dtype=torch.float64,
-                                                                  device=info.device)) / world
-                parts_sum = dict(zip(parts_sum, reduced.tolist()))
-                if counts:
-                    counts = list(distributed.all_reduce_sum(torch.stack(counts).to(info.device)).cpu())
+            parts_sum, grad_norm, counts = forward_backward(model, data, tc, info, moe)
             applied = run.guard.check(step, parts_sum["loss"], grad_norm)
             if applied:
                 optimizer.step()
@@ -230,6 +207,36 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
     finally:
         run.close()
     return run.summary(plot, final_loss=run.last.get("loss"), val_loss=run.last.get("val_loss"), tokens=tokens_seen)
+
+
+def forward_backward(model, data, tc: TrainConfig, info, moe: list) -> tuple[dict, float, list[torch.Tensor]]:
+    """One step's gradients: every micro-batch of the global batch forward and backward (each rank on its slice),
+    then gradient clipping. Returns the loss parts averaged over the batch (and ranks), the gradient norm before
+    clipping, and each routed MoE layer's expert counts over the whole global batch (for the bias update)."""
+    micro = tc.micro_batch_size or tc.batch_size
+    accum, (world, rank) = tc.batch_size // micro, (info.world_size, info.rank) if info else (1, 0)
+    counts = [torch.zeros(m.gate.cfg.n_routed_experts, dtype=torch.long) for m in moe]
+    parts_sum = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+    for _ in range(accum):
+        x, y = data.batch(micro)
+        if info is not None:
+            x, y = (t.tensor_split(world)[rank].to(info.device) for t in (x, y))
+        loss, parts = compute_loss(model, x, y, tc)
+        (loss / accum).backward()
+        for c, layer in zip(counts, moe):
+            c += layer.last_routing.counts.cpu()
+        for k, v in parts.items():
+            parts_sum[k] += v.item() / accum
+    if info is None:
+        return parts_sum, float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)), counts
+    grad_norm = float(distributed.clip_grad_norm_(model, tc.grad_clip))
+    # losses: mean over ranks (equal slices); expert counts: summed over ranks, so the bias update and the load
+    # statistics see the whole global batch, identically on every rank
+    reduced = distributed.all_reduce_sum(torch.tensor(list(parts_sum.values()), dtype=torch.float64,
+                                                      device=info.device)) / world
+    if counts:
+        counts = list(distributed.all_reduce_sum(torch.stack(counts).to(info.device)).cpu())
+    return dict(zip(parts_sum, reduced.tolist())), grad_norm, counts
 
 
 def _load(path, model, optimizer, info) -> dict:
