@@ -265,7 +265,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None)
                 # a ReduceOp.PREMUL_SUM reduce-scatter over dp, which gloo does not support.
                 m.grad_divisor = float(ep)
     world_mesh = DeviceMesh.from_group(dist.group.WORLD, mesh.device_type) if mesh.ndim > 1 else mesh
-    for mtp in model.mtp:  # Transformer.mtp_logits calls shared_head.norm itself, outside MTPModule.forward
+    for mtp in model.mtp:  # Transformer.mtp_head calls shared_head.norm itself, outside MTPModule.forward
         fully_shard(mtp.shared_head.norm, mesh=world_mesh, **kw)
     for block in [*model.layers, *model.mtp]:
         fully_shard(block, mesh=world_mesh, **kw)

@@ -13,7 +13,7 @@ def mtp_logits(engine, h_prev, next_tokens, pos, mask, absorb):
     module = model.mtp[0]
     cos, sin = model.rope(pos)
     h1 = module(h_prev, model.embed_tokens(next_tokens), cos, sin, mask, engine.mtp_cache.views[0], absorb)
-    return model.lm_head(module.shared_head.norm(h1)).float()
+    return model.mtp_head(module, h1).float()
 
 
 @torch.inference_mode()

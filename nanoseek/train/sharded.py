@@ -26,10 +26,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nanoseek.io_utils import atomic_write_text, fsync_dir
+from nanoseek.checkpoint import INDEX_FILE, SINGLE_FILE, hf_keys
+from nanoseek.config import ModelConfig
+from nanoseek.io_utils import atomic_directory, atomic_write_text, fsync_dir
 from nanoseek.model.init import local_box
+from nanoseek.tokenizer import copy_tokenizer
 from nanoseek.train import state as state_module
-from nanoseek.train.state import TRAINER_STATE, list_checkpoints, point_latest
+from nanoseek.train.state import OPTIMIZER_FILE, TRAINER_STATE, list_checkpoints, point_latest
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -161,7 +164,6 @@ def save_sharded(run_dir: str, step: int, model, optimizer, trainer_state: dict,
         save_file({"rng.torch": torch.get_rng_state()}, os.path.join(tmp, RNG_FILE))
         atomic_write_text(os.path.join(tmp, "config.json"), config_json)
         if tokenizer_dir:
-            from nanoseek.tokenizer import copy_tokenizer
             copy_tokenizer(tokenizer_dir, tmp)
         # trainer_state.json last: list_checkpoints counts a directory only once it is there
         atomic_write_text(os.path.join(tmp, TRAINER_STATE), json.dumps({**trainer_state, "step": step,
@@ -205,9 +207,6 @@ def export_pretrained(path: str, out: str, max_shard_bytes: int = 5 * 2**30) -> 
     the tensors are planned into safetensors shards from DCP's metadata, then each shard is read from the
     checkpoint, written and freed, so at most one shard (max_shard_bytes) is in memory, never the whole model.
     Runs in one process without a process group."""
-    from nanoseek.checkpoint import INDEX_FILE, SINGLE_FILE, hf_keys
-    from nanoseek.config import ModelConfig
-    from nanoseek.io_utils import atomic_directory
 
     cfg = ModelConfig.from_json(os.path.join(path, "config.json"))
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
@@ -249,7 +248,6 @@ def export_pretrained(path: str, out: str, max_shard_bytes: int = 5 * 2**30) -> 
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         cfg.to_json(os.path.join(tmp, "config.json"))
         if os.path.exists(os.path.join(path, "tokenizer.json")):
-            from nanoseek.tokenizer import copy_tokenizer
             copy_tokenizer(path, tmp)
     return out
 
@@ -292,8 +290,6 @@ def load_pretrained_slices(path: str, model, optimizer=None) -> dict:
     """Resume a sharded run from a transformers-layout training checkpoint (one written by a single process),
     every rank reading only its own slices of the weights and of the AdamW moments; returns the trainer state.
     The optimizer file's indices are the single-process optimizer's (make_optimizer's parameter order)."""
-    from nanoseek.checkpoint import INDEX_FILE, SINGLE_FILE, hf_keys
-    from nanoseek.train.state import OPTIMIZER_FILE
 
     cfg = model.config
     if os.path.exists(os.path.join(path, INDEX_FILE)):
