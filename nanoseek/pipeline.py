@@ -15,7 +15,6 @@ its experts' tokens per micro-batch for the bias update.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -154,15 +153,16 @@ def split_loss(out: torch.Tensor, t: int):
     return out[:, :t], (out[:, t:] if out.shape[1] > t else None)
 
 
-def loss_fn_for(mtp_lambda: float, parts: list):
+def loss_fn_for(mtp_lambda: float, parts: list, evaluating: dict | None = None):
     """The pipeline schedule's loss on the last stage: CE + lambda * MTP CE (the balance loss joins through
-    AttachAux); (CE, MTP CE) of every micro-batch are appended to `parts` for logging."""
+    AttachAux); (CE, MTP CE) of every micro-batch are appended to `parts` for logging. While
+    evaluating["on"], the main CE alone."""
 
     def loss_fn(out, y):
         t = y.shape[1]
         logits, mtp = split_loss(out, t)
         main = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        if mtp is None:
+        if mtp is None or (evaluating or {}).get("on"):
             parts.append((main.detach(), torch.zeros(())))
             return main
         mtp_loss = F.cross_entropy(mtp.flatten(0, 1).float(), y[:, 1:].flatten())
@@ -191,18 +191,3 @@ def make_schedule(schedule: str, stages: list, n_microbatches: int, loss_fn):
         raise ValueError(f"--pp-schedule dualpipev needs torch.distributed.pipelining.ScheduleDualPipeV (torch >= "
                          f"2.9; this is {torch.__version__}): use 1f1b or interleaved")
     return pl.ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn)
-
-
-def stage_group(pp: int, pp_rank: int, world: int):
-    """The process group of this rank's stage (the world_size / pp ranks that share its pipeline position),
-    created for every stage (new_group is collective)."""
-    size = world // pp
-    groups = [dist.new_group(list(range(p * size, (p + 1) * size))) for p in range(pp)]
-    return groups[pp_rank]
-
-
-def pp_group(pp: int, world: int, rank: int):
-    """The group of ranks that hold the same shard position in every stage (the pipeline's send/recv peers)."""
-    size = world // pp
-    groups = [dist.new_group([p * size + i for p in range(pp)]) for i in range(size)]
-    return groups[rank % size]

@@ -341,32 +341,25 @@ def test_sharded_checkpoints_from_four_processes_resume_on_two_and_on_one(data_d
 
 
 # ------------------------------------------------------------------------------------------ (d) pipeline
-@pytest.fixture(scope="module")
-def reference_no_eval(data_dir, tmp_path_factory):
-    """The 1-process run for pipeline-parallel runs (which do not evaluate yet)."""
-    out = tmp_path_factory.mktemp("ref") / "no_eval"
-    run_pretrain(base_config(data_dir, out, eval_every=0), 1)
-    return out
-
-
 @pytest.mark.parametrize("ep, schedule", [(1, "1f1b"), (2, "interleaved")], ids=["pp2xdp2-1f1b", "pp2xep2-interleaved"])
-def test_four_process_pipeline_follows_the_one_process_run(data_dir, reference_no_eval, tmp_path, ep, schedule):
+def test_four_process_pipeline_follows_the_one_process_run(data_dir, reference, tmp_path, ep, schedule):
     """4 processes as 2 pipeline stages x (2 data-parallel or 2 expert-parallel ranks): the embedding on the
     first stage, the head and MTP module on the last (the next tokens' embedding travels down the pipeline), the
-    balance loss and expert counts of every stage's layers; the run follows the 1-process one within 1e-4, and
-    its sharded checkpoint resumes in one process (another layout: no pipeline) reproducing it too."""
+    balance loss and expert counts of every stage's layers, evaluation through the pipeline; the run follows the
+    1-process one within 1e-4, and its sharded checkpoint resumes in one process (another layout: no pipeline)
+    reproducing it too."""
     pp = tmp_path / "pp"
-    run_pretrain(base_config(data_dir, pp, eval_every=0, pp=2, ep=ep, pp_schedule=schedule, pp_microbatches=2), 4)
-    assert_same_run(reference_no_eval, pp)
+    run_pretrain(base_config(data_dir, pp, pp=2, ep=ep, pp_schedule=schedule, pp_microbatches=2), 4)
+    assert_same_run(reference, pp)
     cut_at(pp, 5, tmp_path / "resumed")
-    run_pretrain(base_config(data_dir, tmp_path / "resumed", eval_every=0, resume=True), 1)
-    assert_same_run(reference_no_eval, tmp_path / "resumed")
+    run_pretrain(base_config(data_dir, tmp_path / "resumed", resume=True), 1)
+    assert_same_run(reference, tmp_path / "resumed")
 
 
 def test_dualpipev_follows_the_one_process_run_without_mtp(data_dir, tmp_path):
     """DeepSeek's V-shaped schedule (torch's ScheduleDualPipeV) on 2 processes: each rank holds two stages, rank 0
-    the first and the last. MTP is refused there for now (see pretrain._train_pipeline)."""
-    cfg = dict(eval_every=0, mtp_lambda=0.0)
+    the first and the last. MTP and evaluation are refused there for now (see pretrain._train_pipeline)."""
+    cfg = dict(mtp_lambda=0.0, eval_every=0)
     run_pretrain(base_config(data_dir, tmp_path / "one", **cfg), 1)
     run_pretrain(base_config(data_dir, tmp_path / "v", pp=2, pp_schedule="dualpipev", pp_microbatches=4, **cfg), 2)
     assert_same_run(tmp_path / "one", tmp_path / "v")

@@ -246,8 +246,6 @@ def _train_pipeline(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
     if tc.micro_batch_size not in (None, tc.batch_size):
         raise ValueError("with --pp the pipeline makes the micro-batches: leave --micro-batch-size unset "
                          "(see --pp-microbatches)")
-    if tc.eval_every:
-        raise ValueError("--eval-every with --pp is not supported yet: set --eval-every 0")
     manifest = load_manifest(tc.data)
     world, rank = info.world_size, info.rank
     mesh, stage_mesh = distributed.make_pipeline_mesh(info, tc.pp, tc.ep)
@@ -288,11 +286,50 @@ def _train_pipeline(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
         pipe_stages.append(PipelineStage(st, s, num_stages, info.device, input_args=inputs, output_args=outputs,
                                          group=pp_group))
     parts: list = []
-    schedule = pipeline.make_schedule(tc.pp_schedule, pipe_stages, n_micro, pipeline.loss_fn_for(tc.mtp_lambda, parts))
+    evaluating = {"on": False}
+    schedule = pipeline.make_schedule(tc.pp_schedule, pipe_stages, n_micro,
+                                      pipeline.loss_fn_for(tc.mtp_lambda, parts, evaluating))
+    if tc.eval_every and tc.pp_schedule == "dualpipev":  # torch's DualPipeV runs no forward-only step
+        raise ValueError("--pp-schedule dualpipev cannot evaluate yet: set --eval-every 0, or use 1f1b / interleaved")
+    if tc.eval_every and not hasattr(schedule, "eval"):
+        raise ValueError(f"evaluation with --pp needs the pipeline schedules' eval() (torch >= 2.7; this is "
+                         f"{torch.__version__}): set --eval-every 0")
     lr = tc.lr if tc.lr is not None else DEFAULT_LR.get(tc.preset, 2.2e-4)
     warmup = tc.warmup if tc.warmup is not None else min(100, tc.steps // 10)
     optimizer = make_optimizer(rank_model, lr, tc.weight_decay)
     data = TokenDataset(tc.data, "train", tc.seq_len, seed=tc.seed)
+    val = TokenDataset(tc.data, "val", tc.seq_len) if tc.eval_every else None
+
+    @torch.no_grad()
+    def evaluate_pipeline() -> float:
+        """As evaluate(): mean validation CE over the first eval_batches batches, forward only through the
+        pipeline."""
+        evaluating["on"] = True
+        for st in stages:
+            st.eval()
+        total, n = 0.0, 0
+        try:
+            for i, (x, y) in enumerate(val.iter_sequential(tc.batch_size)):
+                if i >= tc.eval_batches:
+                    break
+                real = torch.arange(tc.batch_size) < x.shape[0]  # a short last batch is padded (fixed shapes)
+                pad = tc.batch_size - x.shape[0]
+                x, y = (torch.cat([t, t[:1].expand(pad, -1)]) for t in (x, y))
+                x, y, real = (t.tensor_split(stage_size)[rank % stage_size].to(info.device) for t in (x, y, real))
+                out = schedule.eval(*((x,) if has_first else ()), target=y if has_last else None)
+                if has_last:  # the last stage's outputs, micro-batches merged back into this rank's batch
+                    logits, _ = pipeline.split_loss(out, y.shape[1])
+                    total += F.cross_entropy(logits[real].flatten(0, 1).float(), y[real].flatten(),
+                                             reduction="sum").item()
+                    n += y[real].numel()
+        finally:
+            evaluating["on"] = False
+            for st in stages:
+                st.train()
+        total, n = distributed.all_reduce_sum(torch.tensor([total, float(n)], dtype=torch.float64,
+                                                            device=info.device)).tolist()
+        return total / max(1.0, n)
+
     tokenizer_dir = os.path.join(tc.data, "tokenizer")
     run = Run(tc.out, tc.steps, "pretrain", rank_model, optimizer, save_every=tc.save_every, keep=tc.keep,
               max_bad_steps=tc.max_bad_steps, tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
@@ -357,9 +394,11 @@ def _train_pipeline(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
                    "skipped_steps": run.guard.skipped, **balance.load_stats(counts)}
             if not applied:
                 rec["skipped"] = True
+            if val is not None and (step % tc.eval_every == 0 or step == tc.steps):
+                rec["val_loss"] = evaluate_pipeline()
             run.log(rec, loss=parts_sum["loss"], tok_s=rec["tokens_per_s"])
             run.save(step, train_config=dataclasses.asdict(tc), data=data.state_dict(), tokens_seen=tokens_seen,
                      world_size=world)
     finally:
         run.close()
-    return run.summary(plot, final_loss=run.last.get("loss"), val_loss=None, tokens=tokens_seen)
+    return run.summary(plot, final_loss=run.last.get("loss"), val_loss=run.last.get("val_loss"), tokens=tokens_seen)
