@@ -314,9 +314,13 @@ def test_saved_on_two_processes_with_torchrun_resumes_on_one(data_dir, reference
     assert_close_models(reference / "latest", tmp_path / "resumed" / "latest")
 
 
-def test_saved_on_one_process_resumes_on_two_with_expert_parallelism(data_dir, reference, tmp_path):
+@pytest.mark.parametrize("layout", [dict(ep=2), dict(pp=2, pp_microbatches=2)], ids=["ep2", "pp2"])
+def test_saved_on_one_process_resumes_on_two_with_expert_or_pipeline_parallelism(data_dir, reference, tmp_path,
+                                                                                  layout):
+    """A transformers-layout checkpoint into a sharded run: each rank reads only its slices (its experts, its
+    pipeline stage's parameters) of the weights and AdamW moments."""
     cut_at(reference, 5, tmp_path / "resumed")
-    run_pretrain(base_config(data_dir, tmp_path / "resumed", resume=True, ep=2), 2)
+    run_pretrain(base_config(data_dir, tmp_path / "resumed", resume=True, **layout), 2)
     assert_same_run(reference, tmp_path / "resumed")
     assert trainer_state(tmp_path / "resumed")["world_size"] == 2
 

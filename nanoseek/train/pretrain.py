@@ -338,13 +338,8 @@ def _train_pipeline(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
     run.save_fn = lambda step, state: sharded.save_sharded(tc.out, step, rank_model, optimizer, state, config_json,
                                                            run.tokenizer_dir, tc.keep)
 
-    def load(path):
-        if not sharded.is_sharded_checkpoint(path):
-            raise ValueError(f"--resume with --pp needs a sharded checkpoint (from a distributed run); {path} is a "
-                             "single-process one: resume it without --pp first")
-        return sharded.load_sharded(path, rank_model, optimizer)
-
-    run.load_fn = load
+    run.load_fn = lambda path: (sharded.load_sharded if sharded.is_sharded_checkpoint(path)
+                                else sharded.load_pretrained_slices)(path, rank_model, optimizer)
     # every MoE layer's row in the global counts (layers, then MTP when trained): each stage fills its own rows
     moe_blocks = [i for i in range(cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if use_mtp else 0))
                   if cfg.is_moe_layer(i)]
