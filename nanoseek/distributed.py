@@ -252,25 +252,57 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None)
     runs and freed after. `mp_policy` (an FSDP MixedPrecisionPolicy) is passed through.
     """
     kw = {} if mp_policy is None else {"mp_policy": mp_policy}
-    if ep > 1:
-        if mesh["ep"].size() != ep:
-            raise ValueError(f"the mesh has an ep dimension of {mesh['ep'].size()}, not {ep}")
-        apply_expert_parallel(model, mesh["ep"].get_group())
-        dp = mesh["dp"].size()
-        for m in model.modules():
-            if isinstance(m, ExpertParallelExperts):
-                fully_shard(m, mesh=mesh["dp"], **kw, **_shard_placement_kw(expert_shard_dim(dp, m.num_local)))
-                # Expert grads arrive summed over the ep group (all-to-all backward); /ep here and FSDP's default
-                # mean over dp give the mean over all ranks. Not set_gradient_divide_factor(world): FSDP makes that
-                # a ReduceOp.PREMUL_SUM reduce-scatter over dp, which gloo does not support.
-                m.grad_divisor = float(ep)
+    _parallelize_experts(model, mesh, ep, kw)
     world_mesh = DeviceMesh.from_group(dist.group.WORLD, mesh.device_type) if mesh.ndim > 1 else mesh
-    for mtp in model.mtp:  # Transformer.mtp_head calls shared_head.norm itself, outside MTPModule.forward
-        fully_shard(mtp.shared_head.norm, mesh=world_mesh, **kw)
-    for block in [*model.layers, *model.mtp]:
-        fully_shard(block, mesh=world_mesh, **kw)
+    _shard_blocks(model, world_mesh, kw)
     fully_shard(model, mesh=world_mesh, **kw)
     return model
+
+
+def _parallelize_experts(model: nn.Module, mesh: DeviceMesh, ep: int, kw: dict) -> None:
+    if ep == 1:
+        return
+    if mesh["ep"].size() != ep:
+        raise ValueError(f"the mesh has an ep dimension of {mesh['ep'].size()}, not {ep}")
+    apply_expert_parallel(model, mesh["ep"].get_group())
+    dp = mesh["dp"].size()
+    for m in model.modules():
+        if isinstance(m, ExpertParallelExperts):
+            fully_shard(m, mesh=mesh["dp"], **kw, **_shard_placement_kw(expert_shard_dim(dp, m.num_local)))
+            # Expert grads arrive summed over the ep group (all-to-all backward); /ep here and FSDP's default
+            # mean over dp give the mean over all ranks. Not set_gradient_divide_factor(world): FSDP makes that
+            # a ReduceOp.PREMUL_SUM reduce-scatter over dp, which gloo does not support.
+            m.grad_divisor = float(ep)
+
+
+def _shard_blocks(model: nn.Module, mesh: DeviceMesh, kw: dict) -> None:
+    layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+    for mtp in model.mtp:  # Transformer.mtp_head calls shared_head.norm itself, outside MTPModule.forward
+        fully_shard(mtp.shared_head.norm, mesh=mesh, **kw)
+    for block in [*layers, *model.mtp]:
+        fully_shard(block, mesh=mesh, **kw)
+
+
+def make_pipeline_mesh(info: DistInfo, pp: int, ep: int = 1) -> tuple[DeviceMesh, DeviceMesh]:
+    """A ("pp", "dp", "ep") mesh (pipeline stages outermost, so a stage's ranks are consecutive) and the flat
+    mesh of this rank's stage (the ranks FSDP shards the stage's parameters over)."""
+    if pp < 1 or info.world_size % (pp * ep):
+        raise ValueError(f"--pp {pp} x --ep {ep} must divide the number of processes ({info.world_size})")
+    size = info.world_size // pp
+    mesh = init_device_mesh(info.device.type, (pp, size // ep, ep), mesh_dim_names=("pp", "dp", "ep"))
+    groups = [dist.new_group(list(range(p * size, (p + 1) * size))) for p in range(pp)]  # collective: all of them
+    return mesh, DeviceMesh.from_group(groups[info.rank // size], info.device.type)
+
+
+def parallelize_pipeline(rank_model: nn.Module, stages: list[nn.Module], mesh: DeviceMesh, stage_mesh: DeviceMesh,
+                         ep: int = 1) -> None:
+    """parallelize for one rank's pipeline stages: experts as there, FSDP per block over the stage's ranks, and
+    each stage module as an FSDP root (it holds the embedding or the final norm and head): the pipeline calls
+    the stages, never the rank's whole model."""
+    _parallelize_experts(rank_model, mesh, ep, {})
+    _shard_blocks(rank_model, stage_mesh, {})
+    for stage in stages:
+        fully_shard(stage, mesh=stage_mesh)
 
 
 def build_model(cfg, seed: int, device: torch.device, info: DistInfo | None = None, ep: int = 1,

@@ -7,9 +7,10 @@ what rank 0 of a 2,048-rank job stores. Parameter, gradient and optimizer bytes 
 (FSDP's padded storage included); the unsharded working set and activations come from the analytical plan
 (nanoseek.accounting.memory_per_rank), printed beside it.
 
-Pipeline parallelism: the blocks are split into contiguous stages (accounting.pipeline_stages); each stage's
-world_size / pp ranks form its own (dp, ep) mesh, so each stage is measured on a fake group of that size. The
-split and the bubble are analytical: nanoseek has no pipeline-parallel training loop yet.
+Pipeline parallelism: the blocks are split into contiguous stages (accounting.pipeline_stages) as training splits
+them (nanoseek/pipeline.py, one stage per rank as in 1F1B); each stage's world_size / pp ranks form its own
+(dp, ep) mesh, so each stage is measured on a fake group of that size. The schedule's activations in flight and
+its bubble are analytical.
 """
 
 from __future__ import annotations
@@ -28,25 +29,6 @@ from nanoseek.config import ModelConfig
 LAYOUTS = {"deepseek-v3": dict(preset="v3", world_size=2048, ep=64, pp=16, recompute="selective")}
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-class Stage(nn.Module):
-    """The parts of a Transformer one pipeline stage holds, under the same attribute names parallelize uses:
-    `layers` and `mtp` (FSDP units), the embedding on the first stage, the final norm and head on the last."""
-
-    def __init__(self, cfg: ModelConfig, blocks: list[int], first: bool, last: bool):
-        from nanoseek.model.block import Block
-        from nanoseek.model.mtp import MTPModule
-        from nanoseek.model.norm import RMSNorm
-
-        super().__init__()
-        main = [i for i in blocks if i < cfg.num_hidden_layers]
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if first else None
-        self.layers = nn.ModuleList(Block(cfg, i) for i in main)
-        self.mtp = nn.ModuleList(MTPModule(cfg, i - cfg.num_hidden_layers + 1) for i in blocks if i not in main)
-        if last:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 
 def measure(module: nn.Module) -> dict:
@@ -79,6 +61,7 @@ def plan(cfg: ModelConfig, world_size: int, ep: int = 1, pp: int = 1, recompute:
     """Measured and planned bytes per rank (the largest stage's), as `nanoseek plan --json` prints them."""
     from nanoseek import distributed
     from nanoseek.model.transformer import Transformer
+    from nanoseek.pipeline import RankModel  # what a 1F1B rank of that stage holds in training
 
     t0 = time.perf_counter()
     planned = memory_per_rank(cfg, world_size, ep, tokens_per_rank, dtype, optimizer, pp, recompute, microbatches)
@@ -92,7 +75,7 @@ def plan(cfg: ModelConfig, world_size: int, ep: int = 1, pp: int = 1, recompute:
         stages = []
         for s, blocks in enumerate(pipeline_stages(cfg, pp)):
             with torch.device("meta"):
-                model = Transformer(cfg) if pp == 1 else Stage(cfg, blocks, s == 0, s == pp - 1)
+                model = Transformer(cfg) if pp == 1 else RankModel(cfg, blocks, s == 0, s == pp - 1)
             model.to(TORCH_DTYPES[dtype])  # the routers stay fp32 (Router._apply), as in training
             distributed.parallelize(model, distributed.make_mesh(info, ep), ep=ep)
             m = measure(model)

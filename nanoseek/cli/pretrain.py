@@ -7,6 +7,7 @@ import os
 
 from nanoseek.cli.common import add_config_flags, add_output_flags, config_from_args, parser, report
 from nanoseek.model.block import RECOMPUTE
+from nanoseek.pipeline import SCHEDULES
 from nanoseek.train.pretrain import TrainConfig, train
 
 HELP = {
@@ -25,6 +26,9 @@ HELP = {
     "balance_alpha": "weight of the sequence-wise balance loss",
     "ep": "expert parallelism under torchrun: split routed experts over groups of EP ranks",
     "resume": "continue from the newest complete checkpoint in --out",
+    "pp": "pipeline parallelism under torchrun: split the blocks over PP stages (nanoseek/pipeline.py)",
+    "pp_schedule": "pipeline schedule: 1f1b, interleaved (2 stages per rank) or dualpipev (V-shaped, DeepSeek's)",
+    "pp_microbatches": "pipeline micro-batches per step (default: 2 x pp)",
     "recompute": "activation recomputation per block in the backward: block (keep only block inputs) or selective "
                  "(keep matmul and attention outputs, recompute norms and elementwise ops)",
 }
@@ -41,7 +45,8 @@ def run(args) -> None:
 def register(sub) -> None:
     p = parser(sub, "pretrain", "pretrain a DeepSeek-V3-style model on prepared token shards")
     add_config_flags(p, TrainConfig, required=("data", "out"), skip=("fp8",), help=HELP,
-                     choices={"schedule": ("cosine", "wsd"), "recompute": RECOMPUTE})
+                     choices={"schedule": ("cosine", "wsd"), "recompute": RECOMPUTE,
+                              "pp_schedule": SCHEDULES})
     p.add_argument("--fp8", nargs="?", const="block", choices=("block", "tensor"), default=None,
                    help="FP8 GEMMs: block = 1x128 / 128x128 scaling (DeepSeek-V3 section 3.3), tensor = one scale "
                         "per tensor (for comparison)")

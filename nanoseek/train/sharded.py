@@ -285,11 +285,25 @@ def _expert_range(t: torch.Tensor) -> tuple[int, int]:
     return next(((s, n) for d, s, n in local_box(t) if d == 0), (0, t.shape[0]))
 
 
+def _single_process_indices(cfg) -> dict[str, int]:
+    """Parameter name -> its index in a single-process optimizer state (make_optimizer over the whole model),
+    the indexing of a transformers-layout training checkpoint's optimizer.safetensors."""
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.train.loop import make_optimizer
+
+    with torch.device("meta"):
+        plain = Transformer(cfg)
+    names = {id(p): n for n, p in plain.named_parameters()}
+    optimizer = make_optimizer(plain, 1.0)
+    return {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+
+
 @torch.no_grad()
 def load_pretrained_slices(path: str, model, optimizer=None) -> dict:
     """Resume a sharded run from a transformers-layout training checkpoint (one written by a single process),
     every rank reading only its own slices of the weights and of the AdamW moments; returns the trainer state.
-    The optimizer file's indices are the single-process optimizer's (make_optimizer's parameter order)."""
+    `model` may be a whole (sharded) model or one rank's pipeline stages; the optimizer file's indices are the
+    single-process optimizer's (make_optimizer's parameter order), matched by parameter name."""
 
     cfg = model.config
     if os.path.exists(os.path.join(path, INDEX_FILE)):
@@ -305,12 +319,12 @@ def load_pretrained_slices(path: str, model, optimizer=None) -> dict:
     with safe_open(os.path.join(path, OPTIMIZER_FILE), framework="pt") as f:
         opt_keys = set(f.keys())
     moments = _Slices(path, {k: OPTIMIZER_FILE for k in opt_keys})
+    index_of = {}
     if optimizer is not None:
         init_optimizer_state(optimizer)
-        index_of = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                index_of[p] = len(index_of)
+        single = _single_process_indices(cfg)  # by name: `model` may hold only some parameters (a pipeline stage)
+        trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        index_of = {t: single[name] for name, t in _named_parameters(model) if id(t) in trainable}
     _reshard(model)
     for name, t, first in _tensor_entries(model):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
