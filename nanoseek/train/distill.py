@@ -63,7 +63,7 @@ from nanoseek.train.distill_loss import (
 )
 from nanoseek.train.loop import Run, lr_at, make_optimizer
 from nanoseek.train.sft import load_conversations
-from nanoseek.train.teacher import check_same_tokenizer  # noqa: F401 (part of this module's API)
+from nanoseek.train.teacher import check_same_tokenizer
 
 FILTERS = ("eos", "format", "length", "language", "repetition", "correct", "duplicate", "per_prompt")
 # Characters a worked answer of the number tasks may use outside the tags: digits, operators, punctuation, space.
