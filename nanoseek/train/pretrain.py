@@ -198,19 +198,26 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
                 balance.update_bias(moe, counts, tc.bias_gamma)
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += tc.batch_size * tc.seq_len
-            rec = {"step": step, **parts_sum, "lr": step_lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                   "tokens_per_s": tc.batch_size * tc.seq_len / (time.perf_counter() - t0),
-                   "skipped_steps": run.guard.skipped, **balance.load_stats(counts)}
-            if not applied:
-                rec["skipped"] = True
-            if val is not None and (step % tc.eval_every == 0 or step == tc.steps):
-                rec["val_loss"] = evaluate(model, val, tc, info)
-            run.log(rec, loss=parts_sum["loss"], tok_s=rec["tokens_per_s"])
-            run.save(step, train_config=dataclasses.asdict(tc), data=data.state_dict(), tokens_seen=tokens_seen,
-                     world_size=world)
+            _log_and_save(run, tc, step, parts_sum, step_lr, grad_norm, tokens_seen, t0, counts, applied, data,
+                          world, (lambda: evaluate(model, val, tc, info)) if val is not None else None)
     finally:
         run.close()
     return run.summary(plot, final_loss=run.last.get("loss"), val_loss=run.last.get("val_loss"), tokens=tokens_seen)
+
+
+def _log_and_save(run: Run, tc: TrainConfig, step: int, parts_sum: dict, step_lr: float, grad_norm: float,
+                  tokens_seen: int, t0: float, counts: list, applied: bool, data, world: int, validate) -> None:
+    """The step's metrics line (validation loss on eval steps, through `validate`), then the save cadence."""
+    rec = {"step": step, **parts_sum, "lr": step_lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+           "tokens_per_s": tc.batch_size * tc.seq_len / (time.perf_counter() - t0),
+           "skipped_steps": run.guard.skipped, **balance.load_stats(counts)}
+    if not applied:
+        rec["skipped"] = True
+    if validate is not None and (step % tc.eval_every == 0 or step == tc.steps):
+        rec["val_loss"] = validate()
+    run.log(rec, loss=parts_sum["loss"], tok_s=rec["tokens_per_s"])
+    run.save(step, train_config=dataclasses.asdict(tc), data=data.state_dict(), tokens_seen=tokens_seen,
+             world_size=world)
 
 
 def forward_backward(model, data, tc: TrainConfig, info, moe: list) -> tuple[dict, float, list[torch.Tensor]]:
@@ -401,16 +408,8 @@ def _train_pipeline(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += tc.batch_size * tc.seq_len
             counts = list(counts_all)
-            rec = {"step": step, **parts_sum, "lr": step_lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                   "tokens_per_s": tc.batch_size * tc.seq_len / (time.perf_counter() - t0),
-                   "skipped_steps": run.guard.skipped, **balance.load_stats(counts)}
-            if not applied:
-                rec["skipped"] = True
-            if val is not None and (step % tc.eval_every == 0 or step == tc.steps):
-                rec["val_loss"] = evaluate_pipeline()
-            run.log(rec, loss=parts_sum["loss"], tok_s=rec["tokens_per_s"])
-            run.save(step, train_config=dataclasses.asdict(tc), data=data.state_dict(), tokens_seen=tokens_seen,
-                     world_size=world)
+            _log_and_save(run, tc, step, parts_sum, step_lr, grad_norm, tokens_seen, t0, counts, applied, data,
+                          world, evaluate_pipeline if val is not None else None)
     finally:
         run.close()
     return run.summary(plot, final_loss=run.last.get("loss"), val_loss=run.last.get("val_loss"), tokens=tokens_seen)
