@@ -22,13 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in one small PyTorch codebase")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"nanoseek.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"nanoseek.cli.{name}":  # the module exists but something it imports is missing
-                raise
-            continue  # a command not built yet
-        module.register(sub)
+        importlib.import_module(f"nanoseek.cli.{name}").register(sub)
     return p
 
 
