@@ -320,6 +320,8 @@ def build_model(cfg, seed: int, device: torch.device, info: DistInfo | None = No
     if info is not None:
         parallelize(model, make_mesh(info, ep), ep=ep)
     model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives every module a tensor of its own, which unties the head
+        model.lm_head.weight = model.embed_tokens.weight
     model.init_weights(seed)
     return model.train()
 

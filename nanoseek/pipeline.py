@@ -62,6 +62,9 @@ class RankModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, blocks: list[int], first: bool, last: bool):
         super().__init__()
+        if cfg.tie_word_embeddings:  # the embedding and the head sit on different stages' ranks
+            raise ValueError("--pp > 1 does not support a model with tie_word_embeddings (the `nano` preset): "
+                             "train it with --pp 1")
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if first else None
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in blocks if i < cfg.num_hidden_layers})

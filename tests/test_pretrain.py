@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.data import TokenDataset
 from nanoseek.model.moe import Routing
 from nanoseek.train import balance, pretrain
 from nanoseek.train.loop import TrainingDiverged, lr_at, read_metrics
@@ -146,6 +147,21 @@ def test_training_lowers_loss_moves_biases_and_writes_a_loadable_checkpoint(data
     x = torch.randint(0, model.config.vocab_size, (1, 16))
     with torch.no_grad():
         assert torch.allclose(hf(x).logits, model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "nano"])  # nano ties lm_head to the embedding
+def test_the_saved_checkpoint_is_the_model_that_trained(data_dir, tmp_path, preset):
+    """The reloaded checkpoint scores the validation loss the training process logged at its last step, to float
+    rounding: what was trained is what was saved (a tied head once trained as a second matrix and was dropped on
+    save, so the reloaded model was near-random)."""
+    run = tmp_path / preset
+    pretrain.train(tc(data_dir, run, preset=preset, steps=4, eval_every=4, eval_batches=2, save_every=0, lr=1e-2),
+                   progress=False)
+    logged = read_metrics(run)[-1]["val_loss"]
+    model = Transformer.from_pretrained(run / "latest", dtype=torch.float32)
+    assert model.num_params() == Transformer(model.config).num_params()
+    val = TokenDataset(data_dir, "val", 32)
+    assert pretrain.evaluate(model, val, tc(data_dir, run, eval_batches=2)) == pytest.approx(logged, rel=1e-5)
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypatch):
