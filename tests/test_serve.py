@@ -259,8 +259,11 @@ def test_api_key(checkpoint):
     app, _ = load_app(checkpoint, max_batch_size=1, max_seq_len=64, api_key="sekrit")
     with ServerThread(app) as url:
         assert httpx.get(url + "/health").status_code == 200
-        for path in ("/v1/models", "/metrics"):
-            assert error_of(httpx.get(url + path), 401)["code"] == "invalid_api_key"
+        for path in ("/v1/models", "/metrics", "/", "/?key=wrong", "/v1/models?key=sekrit"):
+            assert error_of(httpx.get(url + path), 401)["code"] == "invalid_api_key", path
+        # the page: with the header, or with ?key= (a browser's address bar cannot send a header)
+        for r in (httpx.get(url + "/", headers={"Authorization": "Bearer sekrit"}), httpx.get(url + "/?key=sekrit")):
+            assert r.status_code == 200 and "<textarea" in r.text
         error_of(httpx.post(url + "/v1/chat/completions", json={}), 401)
         with pytest.raises(openai.AuthenticationError):
             client(url, api_key="wrong").models.list()
