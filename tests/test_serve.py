@@ -163,6 +163,40 @@ def test_completions_logprobs_echo(server, checkpoint):
     assert text == client(url).completions.create(model=NAME, prompt="two", max_tokens=5, temperature=0).choices[0].text
 
 
+def test_chat_logprobs_match_the_model_streamed_and_not(server, checkpoint):
+    """logprobs / top_logprobs in OpenAI's chat format: one entry per generated token of the offline greedy run,
+    its log-probability and top alternatives those of the model's own log-softmax; the raw bytes spell the text."""
+    url, _ = server
+    tok = load_tokenizer(checkpoint)
+    msgs = [{"role": "user", "content": "two and two?"}]
+    kw = {"model": NAME, "messages": msgs, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    r = client(url).chat.completions.create(**kw)
+    prompt = tok.encode_chat(msgs, add_generation_prompt=True)
+    ids = offline(checkpoint, prompt, 12)
+    with torch.no_grad():
+        ref = Transformer.from_pretrained(checkpoint)(torch.tensor([prompt + ids]))[0].float().log_softmax(-1)
+    ref = ref[len(prompt) - 1: len(prompt) - 1 + len(ids)]  # position i predicts generated token i
+    content = r.choices[0].logprobs.content
+    assert [e.token for e in content] == [tok.decode([t]) for t in ids]
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == tok.decode(ids)
+    for e, t, row in zip(content, ids, ref):
+        assert abs(e.logprob - float(row[t])) < 1e-3
+        top_v, top_i = row.topk(3)
+        assert [x.token for x in e.top_logprobs] == [tok.decode([i]) for i in top_i.tolist()]
+        assert max(abs(x.logprob - float(v)) for x, v in zip(e.top_logprobs, top_v)) < 1e-3
+        assert e.top_logprobs[0].logprob == e.logprob  # greedy: the chosen token is the most likely one
+    streamed = []
+    for chunk in client(url).chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed += c.logprobs.content if c.logprobs else []
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in content]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(streamed, content)) < 1e-5
+    assert client(url).chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None}).choices[0].logprobs \
+        is None
+    assert error_of(httpx.post(url + "/v1/chat/completions", json={**kw, "logprobs": False}), 400)["param"] == \
+        "top_logprobs"
+
+
 def test_prefix_cache_hit_reported_in_usage(server):
     url, _ = server
     system = "you are a careful assistant. " * 4

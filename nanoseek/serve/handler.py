@@ -11,7 +11,7 @@ from fastapi import Request as HTTPRequest
 from pydantic import ValidationError
 
 from nanoseek.engine import Engine, Request, SamplingParams, request_seed
-from nanoseek.serve.protocol import APIError, validation_error
+from nanoseek.serve.protocol import APIError, TokenLogprobs, validation_error
 from nanoseek.serve.worker import EngineLoop, QueueFull
 
 
@@ -77,6 +77,7 @@ class Handler:
     def __init__(self, engine: Engine, tokenizer, model_name: str, loop: EngineLoop, max_body_bytes: int):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.loop, self.max_body_bytes = loop, max_body_bytes
+        self.logprobs = TokenLogprobs(tokenizer)
 
     def job(self, reqs: list[Request], http: HTTPRequest) -> Job:
         job = Job(self.loop, reqs, http)

@@ -74,6 +74,8 @@ class Message(BaseModel):
 class ChatRequest(_Request):
     messages: list[Message]
     max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -118,6 +120,44 @@ def chat_messages(req: ChatRequest) -> list[dict]:
             text = text.split("</think>", 1)[1].strip()
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     return out
+
+
+def _byte_of() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: byte-level BPE writes each byte as one printable character."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):  # the other bytes (space, controls, ...) are written as the characters after U+00FF
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_OF = _byte_of()
+
+
+class TokenLogprobs:
+    """Entries of OpenAI's chat `logprobs.content`: {token, logprob, bytes, top_logprobs}. `bytes` are the token's
+    raw UTF-8 bytes, read from its byte-level spelling, so a token that ends inside a multi-byte character (whose
+    text alone is U+FFFD) still has its exact bytes; added tokens (<think>, EOS) are spelled as themselves."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.added = set(tok.tok.get_added_tokens_decoder())
+
+    def bytes(self, token: int) -> list[int]:
+        piece = self.tok.tok.id_to_token(token)
+        if token in self.added or any(c not in _BYTE_OF for c in piece):
+            return list(piece.encode())
+        return [_BYTE_OF[c] for c in piece]
+
+    def one(self, token: int, logprob: float) -> dict:
+        return {"token": self.tok.decode([token]), "logprob": logprob, "bytes": self.bytes(token)}
+
+    def entry(self, token: int, logprob: float, top: list | None) -> dict:
+        return {**self.one(token, logprob), "top_logprobs": [self.one(t, v) for t, v in top or []]}
 
 
 class TextState:
