@@ -140,6 +140,41 @@ def test_n_seed_stop_and_history_reasoning_dropped(server):
         assert r.finish_reason == "stop"
 
 
+def chat_text(c, **kw):
+    """(reasoning, content, finish_reason) of one chat choice, non-streaming and streamed (pieces joined)."""
+    full = c.chat.completions.create(**kw).choices[0]
+    reasoning, content, finish = "", "", None
+    for chunk in c.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            reasoning += (ch.delta.model_extra or {}).get("reasoning_content") or ""
+            content += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    return (full.message.model_extra["reasoning_content"], full.message.content or "", full.finish_reason), \
+        (reasoning, content, finish)
+
+
+def test_chat_stop_strings_across_think_and_token_boundaries(server, checkpoint):
+    """Stop strings are matched on reasoning followed by content, the text the client sees: one that begins in the
+    reasoning and ends in the answer cuts both, and one across a token boundary inside the reasoning cuts there."""
+    url, _ = server
+    tok = load_tokenizer(checkpoint)
+    close = tok.token_id("</think>")
+    msgs = [{"role": "user", "content": "hi"}]  # its greedy reply closes its reasoning early (checked below)
+    ids = offline(checkpoint, tok.encode_chat(msgs, add_generation_prompt=True), 24)
+    assert close in ids[2:-2], "the tiny model's greedy reply has no </think> in the middle: pick another prompt"
+    reasoning, content = split_ids(tok, ids)
+    at = len(tok.decode(ids[: ids.index(close) - 1]))  # the start of the last reasoning token
+    stops = [reasoning[-2:] + content[:2],  # spans </think>
+             reasoning[at - 1: at + 1]]  # spans the reasoning's last token boundary
+    assert "\ufffd" not in stops[1], stops
+    visible = reasoning + content
+    for stop in stops:
+        cut = visible.find(stop)
+        want = (visible[: min(cut, len(reasoning))], visible[len(reasoning): max(cut, len(reasoning))], "stop")
+        full, streamed = chat_text(client(url), model=NAME, messages=msgs, max_tokens=24, temperature=0, stop=[stop])
+        assert full == streamed == want, (stop, full, streamed, want)
+
+
 def test_completions_logprobs_echo(server, checkpoint):
     """lm-evaluation-harness's local-completions scoring: token-id prompts, echo, logprobs=1."""
     url, _ = server
@@ -346,6 +381,17 @@ def test_text_state_stop_strings_and_reasoning_split(checkpoint):
     pieces = [st.push(t) for t in ids] + [st.flush()]
     reasoning, content = "".join(p[0] for p in pieces), "".join(p[1] for p in pieces)
     assert (reasoning, content) == ("two and", " four. hé") == (st.reasoning, st.content) and st.stopped
+    # reasoning + content is one text for stop strings: one across </think> cuts both, never leaving a piece of it
+    ids = tok.encode("<think>two and</think> four. héllo")
+    for stop, want in (("d fo", ("two an", "")), ("wo a", ("t", "")), ("and f", ("two ", "")),
+                       ("and then", ("two and", " four. héllo"))):
+        st = TextState(tok, True, [stop])
+        pieces = [st.push(t) for t in ids] + [st.flush()]
+        assert ("".join(p[0] for p in pieces), "".join(p[1] for p in pieces)) == want == (st.reasoning, st.content)
+        assert st.stopped == (want[1] == "")
+        # reasoning held back at </think> (it may begin the stop) is released before any content
+        first_content = next((i for i, p in enumerate(pieces) if p[1]), len(pieces))
+        assert not any(p[0] for p in pieces[first_content + 1:]), (stop, pieces)
     st = TextState(tok, True, [])
     for t in tok.encode("no closing tag"):
         st.push(t)

@@ -162,9 +162,13 @@ class TokenLogprobs:
 
 class TextState:
     """The text of one generated sequence, fed a token at a time: `push(token)` returns (reasoning piece, content
-    piece). `reasoning=False` (completions) sends everything to content. A stop string ends the sequence: the text
-    is cut before it and `stopped` is set. Text that could be the start of a stop string, or an incomplete UTF-8
-    character, is held back until the next token decides; `flush()` releases it at the end."""
+    piece). `reasoning=False` (completions) sends everything to content.
+
+    Stop strings are matched on what the client sees: the reasoning followed by the content (the `<think>` tags are
+    in neither), so one may begin in the reasoning and end in the answer. A stop string ends the sequence: the text
+    is cut before it, in both fields, and `stopped` is set. Text that could be the start of a stop string, or an
+    incomplete UTF-8 character, is held back until later tokens decide (reasoning held at `</think>` is released
+    before any content); `flush()` releases it at the end."""
 
     def __init__(self, tok, reasoning: bool, stop: list[str]):
         self.tok, self.stop = tok, stop
@@ -172,13 +176,24 @@ class TextState:
         self.think_close = tok.token_id("</think>") if reasoning else None
         self.in_reasoning = reasoning
         self.ids = {True: [], False: []}
-        self.text = {True: "", False: ""}  # text sent so far, per channel (True: reasoning)
+        self.decoded = {True: "", False: ""}  # all text so far, per channel (True: reasoning)
+        self.text = {True: "", False: ""}  # the part of it sent
         self.stopped = False
         self.reasoning_tokens = 0
 
     def _held(self, text: str) -> int:
         """Characters at the end of `text` that begin some stop string."""
         return max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+    def _release(self, end: int) -> tuple[str, str]:
+        """Send the visible text (reasoning + content) up to `end`: the new (reasoning, content) pieces."""
+        r = len(self.decoded[True])
+        out = []
+        for channel, upto in ((True, min(end, r)), (False, max(end - r, 0))):
+            new = self.decoded[channel][len(self.text[channel]): upto]
+            self.text[channel] += new
+            out.append(new)
+        return out[0], out[1]
 
     def push(self, token: int) -> tuple[str, str]:
         if self.stopped:
@@ -193,28 +208,21 @@ class TextState:
         if channel:
             self.reasoning_tokens += 1
         self.ids[channel].append(token)
-        text = self.tok.decode(self.ids[channel], skip_special=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of the character
+        self.decoded[channel] = self.tok.decode(self.ids[channel], skip_special=True)
+        if self.decoded[channel].endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of it
             return "", ""
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        visible = self.decoded[True] + self.decoded[False]
+        cuts = [i for i in (visible.find(s) for s in self.stop) if i >= 0]
         if cuts:
             self.stopped = True
-            text = text[: min(cuts)]
-        else:
-            text = text[: len(text) - self._held(text)]
-        new = text[len(self.text[channel]):]
-        self.text[channel] += new
-        return (new, "") if channel else ("", new)
+            return self._release(min(cuts))
+        return self._release(len(visible) - self._held(visible))
 
     def flush(self) -> tuple[str, str]:
         """At the end: what was held back (a possible stop-string start, an unfinished character), per channel."""
-        out = []
-        for channel in (True, False):
-            text = "" if self.stopped else self.tok.decode(self.ids[channel], skip_special=True)
-            new = text[len(self.text[channel]):] if text.startswith(self.text[channel]) else ""
-            self.text[channel] += new
-            out.append(new)
-        return out[0], out[1]
+        if self.stopped:  # the text already ends where the stop string began
+            return "", ""
+        return self._release(len(self.decoded[True]) + len(self.decoded[False]))
 
     @property
     def reasoning(self) -> str:
