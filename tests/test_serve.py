@@ -339,18 +339,70 @@ def test_api_key(checkpoint):
         assert client(url, api_key="sekrit").models.list().data[0].id == NAME
 
 
+def flaky_engine(checkpoint, failures):
+    """An engine whose prefill forward raises (inside a scheduler step, after admission) while failures[0] > 0,
+    counting down, then works."""
+    engine = Engine(Transformer.from_pretrained(checkpoint), max_batch_size=1, max_seq_len=256)
+    prefill = engine.prefill
+
+    def flaky(*args, **kw):
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise RuntimeError("boom")
+        return prefill(*args, **kw)
+
+    engine.prefill = flaky
+    return engine
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_serves_on(checkpoint):
+    """A step that raises once: the request in it gets a 500 (an error event when streaming), its row is freed,
+    the request waiting beside it is served, and so is every later one; /health stays 200."""
+    failures = [0]
+    engine = flaky_engine(checkpoint, failures)
+    app = create_app(engine, load_tokenizer(checkpoint), NAME)
+    tok = load_tokenizer(checkpoint)
+    msgs = [{"role": "user", "content": "two and two?"}]
+    body = {"model": NAME, "messages": msgs, "max_tokens": 8, "temperature": 0}
+    want = split_ids(tok, offline(checkpoint, tok.encode_chat(msgs, add_generation_prompt=True), 8))
+    with ServerThread(app) as url:
+        chat = url + "/v1/chat/completions"
+
+        async def two():  # one row: the first step holds one request, the other waits
+            async with httpx.AsyncClient(timeout=60) as c:
+                return await asyncio.gather(c.post(chat, json=body), c.post(chat, json=body))
+
+        failures[0] = 1
+        rs = sorted(asyncio.run(two()), key=lambda r: r.status_code)
+        assert [r.status_code for r in rs] == [200, 500]
+        assert error_of(rs[1], 500)["code"] == "engine_error" and "boom" in rs[1].json()["error"]["message"]
+        m = rs[0].json()["choices"][0]["message"]
+        assert (m["reasoning_content"], m["content"]) == want
+        failures[0] = 1
+        with httpx.stream("POST", chat, json={**body, "stream": True}, timeout=60) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and json.loads(events[-1])["error"]["code"] == "engine_error", events
+        with pytest.raises(openai.APIError, match="boom"):
+            failures[0] = 1
+            list(client(url).chat.completions.create(stream=True, **body))
+        sched = engine.scheduler
+        assert not sched.running and sched.free_rows == [0] and app.state.loop.queued == 0  # rows and queue freed
+        assert httpx.get(url + "/health").status_code == 200 and metric(url, "vllm:num_requests_running") == 0
+        r = client(url).chat.completions.create(**body)
+        assert (r.choices[0].message.model_extra["reasoning_content"], r.choices[0].message.content) == want
+
+
 def test_health_503_when_the_engine_loop_dies(checkpoint):
-    model = Transformer.from_pretrained(checkpoint)
-    engine = Engine(model, max_batch_size=1, max_seq_len=64)
+    """A step that always raises: each request fails with a 500 until MAX_FAILED_STEPS in a row say the engine cannot
+    go on; then /health is 503 and later requests are refused at once."""
+    from nanoseek.serve.worker import MAX_FAILED_STEPS
 
-    def broken():
-        raise RuntimeError("boom")
-
-    engine.scheduler.step = broken
+    engine = flaky_engine(checkpoint, [10**9])
     with ServerThread(create_app(engine, load_tokenizer(checkpoint), NAME)) as url:
-        r = httpx.post(url + "/v1/chat/completions", json={"model": NAME, "max_tokens": 2,
-                                                           "messages": [{"role": "user", "content": "hi"}]})
-        assert error_of(r, 503)["code"] == "engine_error" and "boom" in r.json()["error"]["message"]
+        body = {"model": NAME, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        rs = [httpx.post(url + "/v1/chat/completions", json=body, timeout=30) for _ in range(MAX_FAILED_STEPS)]
+        assert [r.status_code for r in rs] == [500] * (MAX_FAILED_STEPS - 1) + [503]
+        assert all(error_of(r, r.status_code)["code"] == "engine_error" and "boom" in r.text for r in rs)
         assert httpx.get(url + "/health").status_code == 503
         r = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2}, timeout=10)
         assert error_of(r, 503)["code"] == "engine_error"  # later requests are refused, not left hanging
