@@ -3,6 +3,7 @@ not, completions with logprobs) and by raw HTTP for every bad input. Every serve
 
 import asyncio
 import json
+import logging
 import time
 
 import pytest
@@ -333,6 +334,11 @@ def test_api_key(checkpoint):
         # the page: with the header, or with ?key= (a browser's address bar cannot send a header)
         for r in (httpx.get(url + "/", headers={"Authorization": "Bearer sekrit"}), httpx.get(url + "/?key=sekrit")):
             assert r.status_code == 200 and "<textarea" in r.text
+        # and uvicorn's access log (on in `nanoseek serve`) does not write the key down
+        rec = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                ("127.0.0.1:1", "GET", "/?key=sekrit&x=1", "1.1", 200), None)
+        assert all(f.filter(rec) for f in logging.getLogger("uvicorn.access").filters)
+        assert "sekrit" not in rec.getMessage() and "x=1" in rec.getMessage()
         error_of(httpx.post(url + "/v1/chat/completions", json={}), 401)
         with pytest.raises(openai.AuthenticationError):
             client(url, api_key="wrong").models.list()

@@ -12,6 +12,8 @@ and sends it as the header on its API calls. Every error has OpenAI's body {"err
 from __future__ import annotations
 
 import hmac
+import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,9 +34,24 @@ from nanoseek.serve.worker import EngineLoop
 STATIC = Path(__file__).parent / "static"
 
 
+class _HideKey(logging.Filter):
+    """uvicorn's access log writes each request's path with its query: keep the page's /?key=<key> out of it."""
+
+    def filter(self, record):
+        if isinstance(record.args, tuple):
+            record.args = tuple(re.sub(r"([?&]key=)[^&\s]*", r"\1<hidden>", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
+_HIDE_KEY = _HideKey()
+
+
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 256,
                max_body_bytes: int = 1 << 20) -> FastAPI:
     loop = EngineLoop(engine, model_name, max_queue)
+    if api_key:
+        logging.getLogger("uvicorn.access").addFilter(_HIDE_KEY)  # once: the same filter is not added twice
     created = int(time.time())
 
     @asynccontextmanager
