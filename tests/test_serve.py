@@ -160,16 +160,23 @@ def test_chat_stop_strings_across_think_and_token_boundaries(server, checkpoint)
     url, _ = server
     tok = load_tokenizer(checkpoint)
     close = tok.token_id("</think>")
-    msgs = [{"role": "user", "content": "hi"}]  # its greedy reply closes its reasoning early (checked below)
-    ids = offline(checkpoint, tok.encode_chat(msgs, add_generation_prompt=True), 24)
-    assert close in ids[2:-2], "the tiny model's greedy reply has no </think> in the middle: pick another prompt"
-    reasoning, content = split_ids(tok, ids)
-    at = len(tok.decode(ids[: ids.index(close) - 1]))  # the start of the last reasoning token
-    stops = [reasoning[-2:] + content[:2],  # spans </think>
-             reasoning[at - 1: at + 1]]  # spans the reasoning's last token boundary
-    assert "\ufffd" not in stops[1], stops
+    for q in ("hi", "two and two?", "héllo", "four", "a", "the answer", "wörld", "two"):  # a reply with </think>
+        msgs = [{"role": "user", "content": q}]
+        ids = offline(checkpoint, tok.encode_chat(msgs, add_generation_prompt=True), 24)
+        reasoning, content = split_ids(tok, ids)
+        if close in ids and len(reasoning) >= 2 and len(content) >= 2:
+            break
+    else:
+        raise AssertionError("no prompt's greedy reply closes its reasoning mid-way: add prompts to the list")
+    think = ids[: ids.index(close)]
+    for k in range(len(think) - 1, 0, -1):  # the last token boundary in the reasoning with whole characters around
+        at = len(left := tok.decode(think[:k], skip_special=True))
+        if 0 < at < len(reasoning) and reasoning.startswith(left) and "\ufffd" not in reasoning[at - 1: at + 1]:
+            break
+    else:
+        raise AssertionError(f"no clean token boundary in the reasoning {reasoning!r}")
     visible = reasoning + content
-    for stop in stops:
+    for stop in (reasoning[-2:] + content[:2], reasoning[at - 1: at + 1]):  # spans </think>; spans two tokens
         cut = visible.find(stop)
         want = (visible[: min(cut, len(reasoning))], visible[len(reasoning): max(cut, len(reasoning))], "stop")
         full, streamed = chat_text(client(url), model=NAME, messages=msgs, max_tokens=24, temperature=0, stop=[stop])
