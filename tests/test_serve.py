@@ -3,6 +3,7 @@ not, completions with logprobs) and by raw HTTP for every bad input. Every serve
 
 import asyncio
 import json
+import logging
 import time
 
 import pytest
@@ -140,6 +141,48 @@ def test_n_seed_stop_and_history_reasoning_dropped(server):
         assert r.finish_reason == "stop"
 
 
+def chat_text(c, **kw):
+    """(reasoning, content, finish_reason) of one chat choice, non-streaming and streamed (pieces joined)."""
+    full = c.chat.completions.create(**kw).choices[0]
+    reasoning, content, finish = "", "", None
+    for chunk in c.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            reasoning += (ch.delta.model_extra or {}).get("reasoning_content") or ""
+            content += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    return (full.message.model_extra["reasoning_content"], full.message.content or "", full.finish_reason), \
+        (reasoning, content, finish)
+
+
+def test_chat_stop_strings_across_think_and_token_boundaries(server, checkpoint):
+    """Stop strings are matched on reasoning followed by content, the text the client sees: one that begins in the
+    reasoning and ends in the answer cuts both, and one across a token boundary inside the reasoning cuts there."""
+    url, _ = server
+    tok = load_tokenizer(checkpoint)
+    close = tok.token_id("</think>")
+    for q in ("hi", "two and two?", "héllo", "four", "a", "the answer", "wörld", "two"):  # a reply with </think>
+        msgs = [{"role": "user", "content": q}]
+        ids = offline(checkpoint, tok.encode_chat(msgs, add_generation_prompt=True), 24)
+        reasoning, content = split_ids(tok, ids)
+        if close in ids and len(reasoning) >= 2 and len(content) >= 2:
+            break
+    else:
+        raise AssertionError("no prompt's greedy reply closes its reasoning mid-way: add prompts to the list")
+    think = ids[: ids.index(close)]
+    for k in range(len(think) - 1, 0, -1):  # the last token boundary in the reasoning with whole characters around
+        at = len(left := tok.decode(think[:k], skip_special=True))
+        if 0 < at < len(reasoning) and reasoning.startswith(left) and "\ufffd" not in reasoning[at - 1: at + 1]:
+            break
+    else:
+        raise AssertionError(f"no clean token boundary in the reasoning {reasoning!r}")
+    visible = reasoning + content
+    for stop in (reasoning[-2:] + content[:2], reasoning[at - 1: at + 1]):  # spans </think>; spans two tokens
+        cut = visible.find(stop)
+        want = (visible[: min(cut, len(reasoning))], visible[len(reasoning): max(cut, len(reasoning))], "stop")
+        full, streamed = chat_text(client(url), model=NAME, messages=msgs, max_tokens=24, temperature=0, stop=[stop])
+        assert full == streamed == want, (stop, full, streamed, want)
+
+
 def test_completions_logprobs_echo(server, checkpoint):
     """lm-evaluation-harness's local-completions scoring: token-id prompts, echo, logprobs=1."""
     url, _ = server
@@ -161,6 +204,40 @@ def test_completions_logprobs_echo(server, checkpoint):
     text = "".join(c.choices[0].text for c in client(url).completions.create(
         model=NAME, prompt="two", max_tokens=5, temperature=0, stream=True) if c.choices)
     assert text == client(url).completions.create(model=NAME, prompt="two", max_tokens=5, temperature=0).choices[0].text
+
+
+def test_chat_logprobs_match_the_model_streamed_and_not(server, checkpoint):
+    """logprobs / top_logprobs in OpenAI's chat format: one entry per generated token of the offline greedy run,
+    its log-probability and top alternatives those of the model's own log-softmax; the raw bytes spell the text."""
+    url, _ = server
+    tok = load_tokenizer(checkpoint)
+    msgs = [{"role": "user", "content": "two and two?"}]
+    kw = {"model": NAME, "messages": msgs, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    r = client(url).chat.completions.create(**kw)
+    prompt = tok.encode_chat(msgs, add_generation_prompt=True)
+    ids = offline(checkpoint, prompt, 12)
+    with torch.no_grad():
+        ref = Transformer.from_pretrained(checkpoint)(torch.tensor([prompt + ids]))[0].float().log_softmax(-1)
+    ref = ref[len(prompt) - 1: len(prompt) - 1 + len(ids)]  # position i predicts generated token i
+    content = r.choices[0].logprobs.content
+    assert [e.token for e in content] == [tok.decode([t]) for t in ids]
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == tok.decode(ids)
+    for e, t, row in zip(content, ids, ref):
+        assert abs(e.logprob - float(row[t])) < 1e-3
+        top_v, top_i = row.topk(3)
+        assert [x.token for x in e.top_logprobs] == [tok.decode([i]) for i in top_i.tolist()]
+        assert max(abs(x.logprob - float(v)) for x, v in zip(e.top_logprobs, top_v)) < 1e-3
+        assert e.top_logprobs[0].logprob == e.logprob  # greedy: the chosen token is the most likely one
+    streamed = []
+    for chunk in client(url).chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed += c.logprobs.content if c.logprobs else []
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in content]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(streamed, content)) < 1e-5
+    assert client(url).chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None}).choices[0].logprobs \
+        is None
+    assert error_of(httpx.post(url + "/v1/chat/completions", json={**kw, "logprobs": False}), 400)["param"] == \
+        "top_logprobs"
 
 
 def test_prefix_cache_hit_reported_in_usage(server):
@@ -259,26 +336,86 @@ def test_api_key(checkpoint):
     app, _ = load_app(checkpoint, max_batch_size=1, max_seq_len=64, api_key="sekrit")
     with ServerThread(app) as url:
         assert httpx.get(url + "/health").status_code == 200
-        for path in ("/v1/models", "/metrics"):
-            assert error_of(httpx.get(url + path), 401)["code"] == "invalid_api_key"
+        for path in ("/v1/models", "/metrics", "/", "/?key=wrong", "/v1/models?key=sekrit"):
+            assert error_of(httpx.get(url + path), 401)["code"] == "invalid_api_key", path
+        # the page: with the header, or with ?key= (a browser's address bar cannot send a header)
+        for r in (httpx.get(url + "/", headers={"Authorization": "Bearer sekrit"}), httpx.get(url + "/?key=sekrit")):
+            assert r.status_code == 200 and "<textarea" in r.text
+        # and uvicorn's access log (on in `nanoseek serve`) does not write the key down
+        rec = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                ("127.0.0.1:1", "GET", "/?key=sekrit&x=1", "1.1", 200), None)
+        assert all(f.filter(rec) for f in logging.getLogger("uvicorn.access").filters)
+        assert "sekrit" not in rec.getMessage() and "x=1" in rec.getMessage()
         error_of(httpx.post(url + "/v1/chat/completions", json={}), 401)
         with pytest.raises(openai.AuthenticationError):
             client(url, api_key="wrong").models.list()
         assert client(url, api_key="sekrit").models.list().data[0].id == NAME
 
 
+def flaky_engine(checkpoint, failures):
+    """An engine whose prefill forward raises (inside a scheduler step, after admission) while failures[0] > 0,
+    counting down, then works."""
+    engine = Engine(Transformer.from_pretrained(checkpoint), max_batch_size=1, max_seq_len=256)
+    prefill = engine.prefill
+
+    def flaky(*args, **kw):
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise RuntimeError("boom")
+        return prefill(*args, **kw)
+
+    engine.prefill = flaky
+    return engine
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_serves_on(checkpoint):
+    """A step that raises once: the request in it gets a 500 (an error event when streaming), its row is freed,
+    the request waiting beside it is served, and so is every later one; /health stays 200."""
+    failures = [0]
+    engine = flaky_engine(checkpoint, failures)
+    app = create_app(engine, load_tokenizer(checkpoint), NAME)
+    tok = load_tokenizer(checkpoint)
+    msgs = [{"role": "user", "content": "two and two?"}]
+    body = {"model": NAME, "messages": msgs, "max_tokens": 8, "temperature": 0}
+    want = split_ids(tok, offline(checkpoint, tok.encode_chat(msgs, add_generation_prompt=True), 8))
+    with ServerThread(app) as url:
+        chat = url + "/v1/chat/completions"
+
+        async def two():  # one row: the first step holds one request, the other waits
+            async with httpx.AsyncClient(timeout=60) as c:
+                return await asyncio.gather(c.post(chat, json=body), c.post(chat, json=body))
+
+        failures[0] = 1
+        rs = sorted(asyncio.run(two()), key=lambda r: r.status_code)
+        assert [r.status_code for r in rs] == [200, 500]
+        assert error_of(rs[1], 500)["code"] == "engine_error" and "boom" in rs[1].json()["error"]["message"]
+        m = rs[0].json()["choices"][0]["message"]
+        assert (m["reasoning_content"], m["content"]) == want
+        failures[0] = 1
+        with httpx.stream("POST", chat, json={**body, "stream": True}, timeout=60) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and json.loads(events[-1])["error"]["code"] == "engine_error", events
+        with pytest.raises(openai.APIError, match="boom"):
+            failures[0] = 1
+            list(client(url).chat.completions.create(stream=True, **body))
+        sched = engine.scheduler
+        assert not sched.running and sched.free_rows == [0] and app.state.loop.queued == 0  # rows and queue freed
+        assert httpx.get(url + "/health").status_code == 200 and metric(url, "vllm:num_requests_running") == 0
+        r = client(url).chat.completions.create(**body)
+        assert (r.choices[0].message.model_extra["reasoning_content"], r.choices[0].message.content) == want
+
+
 def test_health_503_when_the_engine_loop_dies(checkpoint):
-    model = Transformer.from_pretrained(checkpoint)
-    engine = Engine(model, max_batch_size=1, max_seq_len=64)
+    """A step that always raises: each request fails with a 500 until MAX_FAILED_STEPS in a row say the engine cannot
+    go on; then /health is 503 and later requests are refused at once."""
+    from nanoseek.serve.worker import MAX_FAILED_STEPS
 
-    def broken():
-        raise RuntimeError("boom")
-
-    engine.scheduler.step = broken
+    engine = flaky_engine(checkpoint, [10**9])
     with ServerThread(create_app(engine, load_tokenizer(checkpoint), NAME)) as url:
-        r = httpx.post(url + "/v1/chat/completions", json={"model": NAME, "max_tokens": 2,
-                                                           "messages": [{"role": "user", "content": "hi"}]})
-        assert error_of(r, 503)["code"] == "engine_error" and "boom" in r.json()["error"]["message"]
+        body = {"model": NAME, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        rs = [httpx.post(url + "/v1/chat/completions", json=body, timeout=30) for _ in range(MAX_FAILED_STEPS)]
+        assert [r.status_code for r in rs] == [500] * (MAX_FAILED_STEPS - 1) + [503]
+        assert all(error_of(r, r.status_code)["code"] == "engine_error" and "boom" in r.text for r in rs)
         assert httpx.get(url + "/health").status_code == 503
         r = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2}, timeout=10)
         assert error_of(r, 503)["code"] == "engine_error"  # later requests are refused, not left hanging
@@ -309,6 +446,17 @@ def test_text_state_stop_strings_and_reasoning_split(checkpoint):
     pieces = [st.push(t) for t in ids] + [st.flush()]
     reasoning, content = "".join(p[0] for p in pieces), "".join(p[1] for p in pieces)
     assert (reasoning, content) == ("two and", " four. hé") == (st.reasoning, st.content) and st.stopped
+    # reasoning + content is one text for stop strings: one across </think> cuts both, never leaving a piece of it
+    ids = tok.encode("<think>two and</think> four. héllo")
+    for stop, want in (("d fo", ("two an", "")), ("wo a", ("t", "")), ("and f", ("two ", "")),
+                       ("and then", ("two and", " four. héllo"))):
+        st = TextState(tok, True, [stop])
+        pieces = [st.push(t) for t in ids] + [st.flush()]
+        assert ("".join(p[0] for p in pieces), "".join(p[1] for p in pieces)) == want == (st.reasoning, st.content)
+        assert st.stopped == (want[1] == "")
+        # reasoning held back at </think> (it may begin the stop) is released before any content
+        first_content = next((i for i, p in enumerate(pieces) if p[1]), len(pieces))
+        assert not any(p[0] for p in pieces[first_content + 1:]), (stop, pieces)
     st = TextState(tok, True, [])
     for t in tok.encode("no closing tag"):
         st.push(t)

@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--prefill-budget", type=int, default=2048,
                    help="most prompt tokens prefilled per step over all requests (default: 2048)")
     p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $NANOSEEK_API_KEY, else none)")
+                   help="require 'Authorization: Bearer KEY' everywhere but /health; the chat page opens at "
+                        "/?key=KEY (default: $NANOSEEK_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype (default: float32)")
     p.set_defaults(func=run)

@@ -4,12 +4,16 @@
     POST /v1/completions        string or token-id prompt(s), echo, logprobs (lm-evaluation-harness scoring)
     GET  /v1/models, /health (503 once the engine loop has died), /metrics (Prometheus text), / (chat page)
 
-With an api_key every route but /health and the static chat page (which asks for the key and sends it) answers
-401 without `Authorization: Bearer <key>`. Every error has OpenAI's body {"error": {message, type, param, code}}.
+With an api_key every route but /health answers 401 without `Authorization: Bearer <key>`. The chat page at / also
+takes the key as `/?key=<key>`, because a browser's address bar cannot send a header; the page then keeps the key
+and sends it as the header on its API calls. Every error has OpenAI's body {"error": {message, type, param, code}}.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,9 +34,24 @@ from nanoseek.serve.worker import EngineLoop
 STATIC = Path(__file__).parent / "static"
 
 
+class _HideKey(logging.Filter):
+    """uvicorn's access log writes each request's path with its query: keep the page's /?key=<key> out of it."""
+
+    def filter(self, record):
+        if isinstance(record.args, tuple):
+            record.args = tuple(re.sub(r"([?&]key=)[^&\s]*", r"\1<hidden>", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
+_HIDE_KEY = _HideKey()
+
+
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 256,
                max_body_bytes: int = 1 << 20) -> FastAPI:
     loop = EngineLoop(engine, model_name, max_queue)
+    if api_key:
+        logging.getLogger("uvicorn.access").addFilter(_HIDE_KEY)  # once: the same filter is not added twice
     created = int(time.time())
 
     @asynccontextmanager
@@ -60,11 +79,20 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     add_chat_route(app, h)
     add_completions_route(app, h)
 
+    def authorized(request: HTTPRequest) -> bool:
+        if not api_key or request.url.path == "/health":
+            return True
+        # compare_digest: the time taken does not tell how much of a guessed key was right
+        if request.url.path == "/" and hmac.compare_digest(request.query_params.get("key", "").encode(),
+                                                            api_key.encode()):
+            return True
+        return hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode())
+
     @app.middleware("http")
     async def _auth(request: HTTPRequest, call_next):
-        if (api_key and request.url.path not in ("/health", "/")
-                and request.headers.get("authorization", "") != f"Bearer {api_key}"):
-            e = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not authorized(request):
+            e = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (the page: /?key=<key>)",
+                         code="invalid_api_key")
             return JSONResponse(e.body(), status_code=401)
         return await call_next(request)
 

@@ -11,13 +11,14 @@ from fastapi import Request as HTTPRequest
 from pydantic import ValidationError
 
 from nanoseek.engine import Engine, Request, SamplingParams, request_seed
-from nanoseek.serve.protocol import APIError, validation_error
+from nanoseek.serve.protocol import APIError, TokenLogprobs, validation_error
 from nanoseek.serve.worker import EngineLoop, QueueFull
 
 
 class Job:
     """The engine requests of one HTTP request and the queue their tokens arrive on. Iterating yields
-    ("token", Event) and ("done", Request); leaving early (client gone, stop string) aborts what is still open."""
+    ("token", Event) and ("done", Request), and raises the APIError of a request the engine failed; leaving early
+    (client gone, stop string) aborts what is still open."""
 
     def __init__(self, loop: EngineLoop, reqs: list[Request], http: HTTPRequest | None):
         self.loop, self.reqs, self.http = loop, reqs, http
@@ -58,8 +59,11 @@ class Job:
                         self.disconnected = True
                         return  # the client left: finally frees the rows
                     continue
-                if kind == "error":
-                    raise APIError(503, x, code="engine_error")
+                if kind == "error":  # the engine failed on this request (500) or died (503)
+                    req, err = x
+                    if req.id in self.open:  # not one this job already stopped (stop string)
+                        raise err
+                    continue
                 if kind == "token" and x.request.id not in self.open:
                     continue  # a request stopped here (stop string) may still have tokens in flight
                 if kind == "done":
@@ -77,6 +81,7 @@ class Handler:
     def __init__(self, engine: Engine, tokenizer, model_name: str, loop: EngineLoop, max_body_bytes: int):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.loop, self.max_body_bytes = loop, max_body_bytes
+        self.logprobs = TokenLogprobs(tokenizer)
 
     def job(self, reqs: list[Request], http: HTTPRequest) -> Job:
         job = Job(self.loop, reqs, http)

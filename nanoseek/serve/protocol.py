@@ -74,6 +74,8 @@ class Message(BaseModel):
 class ChatRequest(_Request):
     messages: list[Message]
     max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -120,11 +122,53 @@ def chat_messages(req: ChatRequest) -> list[dict]:
     return out
 
 
+def _byte_of() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: byte-level BPE writes each byte as one printable character."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):  # the other bytes (space, controls, ...) are written as the characters after U+00FF
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_OF = _byte_of()
+
+
+class TokenLogprobs:
+    """Entries of OpenAI's chat `logprobs.content`: {token, logprob, bytes, top_logprobs}. `bytes` are the token's
+    raw UTF-8 bytes, read from its byte-level spelling, so a token that ends inside a multi-byte character (whose
+    text alone is U+FFFD) still has its exact bytes; added tokens (<think>, EOS) are spelled as themselves."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.added = set(tok.tok.get_added_tokens_decoder())
+
+    def bytes(self, token: int) -> list[int]:
+        piece = self.tok.tok.id_to_token(token)
+        if token in self.added or any(c not in _BYTE_OF for c in piece):
+            return list(piece.encode())
+        return [_BYTE_OF[c] for c in piece]
+
+    def one(self, token: int, logprob: float) -> dict:
+        return {"token": self.tok.decode([token]), "logprob": logprob, "bytes": self.bytes(token)}
+
+    def entry(self, token: int, logprob: float, top: list | None) -> dict:
+        return {**self.one(token, logprob), "top_logprobs": [self.one(t, v) for t, v in top or []]}
+
+
 class TextState:
     """The text of one generated sequence, fed a token at a time: `push(token)` returns (reasoning piece, content
-    piece). `reasoning=False` (completions) sends everything to content. A stop string ends the sequence: the text
-    is cut before it and `stopped` is set. Text that could be the start of a stop string, or an incomplete UTF-8
-    character, is held back until the next token decides; `flush()` releases it at the end."""
+    piece). `reasoning=False` (completions) sends everything to content.
+
+    Stop strings are matched on what the client sees: the reasoning followed by the content (the `<think>` tags are
+    in neither), so one may begin in the reasoning and end in the answer. A stop string ends the sequence: the text
+    is cut before it, in both fields, and `stopped` is set. Text that could be the start of a stop string, or an
+    incomplete UTF-8 character, is held back until later tokens decide (reasoning held at `</think>` is released
+    before any content); `flush()` releases it at the end."""
 
     def __init__(self, tok, reasoning: bool, stop: list[str]):
         self.tok, self.stop = tok, stop
@@ -132,13 +176,24 @@ class TextState:
         self.think_close = tok.token_id("</think>") if reasoning else None
         self.in_reasoning = reasoning
         self.ids = {True: [], False: []}
-        self.text = {True: "", False: ""}  # text sent so far, per channel (True: reasoning)
+        self.decoded = {True: "", False: ""}  # all text so far, per channel (True: reasoning)
+        self.text = {True: "", False: ""}  # the part of it sent
         self.stopped = False
         self.reasoning_tokens = 0
 
     def _held(self, text: str) -> int:
         """Characters at the end of `text` that begin some stop string."""
         return max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+    def _release(self, end: int) -> tuple[str, str]:
+        """Send the visible text (reasoning + content) up to `end`: the new (reasoning, content) pieces."""
+        r = len(self.decoded[True])
+        out = []
+        for channel, upto in ((True, min(end, r)), (False, max(end - r, 0))):
+            new = self.decoded[channel][len(self.text[channel]): upto]
+            self.text[channel] += new
+            out.append(new)
+        return out[0], out[1]
 
     def push(self, token: int) -> tuple[str, str]:
         if self.stopped:
@@ -153,28 +208,21 @@ class TextState:
         if channel:
             self.reasoning_tokens += 1
         self.ids[channel].append(token)
-        text = self.tok.decode(self.ids[channel], skip_special=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of the character
+        self.decoded[channel] = self.tok.decode(self.ids[channel], skip_special=True)
+        if self.decoded[channel].endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of it
             return "", ""
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        visible = self.decoded[True] + self.decoded[False]
+        cuts = [i for i in (visible.find(s) for s in self.stop) if i >= 0]
         if cuts:
             self.stopped = True
-            text = text[: min(cuts)]
-        else:
-            text = text[: len(text) - self._held(text)]
-        new = text[len(self.text[channel]):]
-        self.text[channel] += new
-        return (new, "") if channel else ("", new)
+            return self._release(min(cuts))
+        return self._release(len(visible) - self._held(visible))
 
     def flush(self) -> tuple[str, str]:
         """At the end: what was held back (a possible stop-string start, an unfinished character), per channel."""
-        out = []
-        for channel in (True, False):
-            text = "" if self.stopped else self.tok.decode(self.ids[channel], skip_special=True)
-            new = text[len(self.text[channel]):] if text.startswith(self.text[channel]) else ""
-            self.text[channel] += new
-            out.append(new)
-        return out[0], out[1]
+        if self.stopped:  # the text already ends where the stop string began
+            return "", ""
+        return self._release(len(self.decoded[True]) + len(self.decoded[False]))
 
     @property
     def reasoning(self) -> str:

@@ -2,6 +2,11 @@
 through a thread-safe inbox (submit, abort) and get tokens back on per-request asyncio queues. Prometheus metrics
 are updated here, where the numbers are known.
 
+A step that raises (a bug, or a request that slipped validation) fails only the requests it held: each gets a 500,
+their rows are freed, and the loop serves on. The loop dies (/health 503, every open request a 503) only when it
+cannot go on: the failure was not an ordinary Exception, the rows could not be recovered, or MAX_FAILED_STEPS steps
+failed in a row (a broken device rather than one bad request).
+
 Metric names are vLLM's (so its dashboards read them): vllm:num_requests_running, vllm:num_requests_waiting,
 vllm:kv_cache_usage_perc, vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total (tokens; a GRPO-style
 group member copying its leader's prompt counts as a hit), vllm:prompt_tokens_total, vllm:generation_tokens_total,
@@ -19,8 +24,10 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from nanoseek.engine import Engine, Request
+from nanoseek.serve.protocol import APIError
 
 log = logging.getLogger("nanoseek.serve")
+MAX_FAILED_STEPS = 3
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -54,13 +61,13 @@ class Metrics:
 
 class EngineLoop:
     """Runs `engine.scheduler` in a daemon thread. submit() and abort() are safe from any thread; each request's
-    sink receives ("token", Event), then ("done", Request) or ("error", message)."""
+    sink receives ("token", Event), then ("done", Request) or ("error", (Request, APIError))."""
 
     def __init__(self, engine: Engine, model_name: str, max_queue: int = 256):
         self.engine, self.max_queue = engine, max_queue
         self.metrics = Metrics(model_name)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.sinks: dict[int, tuple] = {}  # request id -> (asyncio loop, asyncio.Queue)
+        self.sinks: dict[int, tuple] = {}  # request id -> (Request, asyncio loop, asyncio.Queue)
         self.times: dict[int, list[float]] = {}  # request id -> [submitted, last token]
         self.queued = 0  # submitted and not yet admitted (inbox + scheduler's waiting), read by handlers
         self._lock = threading.Lock()  # guards `queued`, changed by handler and engine threads
@@ -95,7 +102,7 @@ class EngineLoop:
     def _send(self, req: Request, item) -> None:
         sink = self.sinks.get(req.id)
         if sink is not None:
-            loop, q = sink
+            _, loop, q = sink
             try:
                 loop.call_soon_threadsafe(q.put_nowait, item)
             except RuntimeError:  # the handler's loop is gone
@@ -110,7 +117,7 @@ class EngineLoop:
                 return
             block = False
             if op == "add":
-                self.sinks[req.id] = sink
+                self.sinks[req.id] = (req, *sink)
                 self.times[req.id] = [time.perf_counter()] * 2
                 sched.add(req)
             elif op == "abort" and req.id in self.sinks:
@@ -140,6 +147,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         sched, m = self.engine.scheduler, self.metrics
+        failed = 0  # steps failed in a row
         try:
             while not self._stop.is_set():
                 self._drain(block=not sched.has_work())
@@ -149,7 +157,17 @@ class EngineLoop:
                     self._gauges()
                     continue
                 waiting_before = len(sched.waiting)
-                events, finished = sched.step()
+                try:
+                    events, finished = sched.step()
+                except Exception as e:
+                    self._dequeued(waiting_before - len(sched.waiting))
+                    failed += 1
+                    if failed >= MAX_FAILED_STEPS:
+                        raise
+                    self._fail_step(e)
+                    self._gauges()
+                    continue
+                failed = 0
                 self._dequeued(waiting_before - len(sched.waiting))
                 now = time.perf_counter()
                 for ev in events:
@@ -174,11 +192,23 @@ class EngineLoop:
         except BaseException as e:  # the loop is dead: /health says 503, every open request gets an error
             log.exception("engine loop died")
             self.error = e
-            for loop, q in list(self.sinks.values()):
-                try:
-                    loop.call_soon_threadsafe(q.put_nowait, ("error", f"engine failed: {e!r}"))
-                except RuntimeError:
-                    pass
+            for req, _, _ in list(self.sinks.values()):
+                self._send(req, ("error", (req, APIError(503, f"the engine loop died: {e!r}", code="engine_error"))))
+
+    def _fail_step(self, e: Exception) -> None:
+        """A step raised: fail the requests it held (admitted ones; waiting ones were not in it) with a 500 and free
+        their rows. Raises when the scheduler's rows cannot be recovered, which kills the loop."""
+        sched = self.engine.scheduler
+        waiting = set(sched.waiting)
+        held = [req for req, _, _ in self.sinks.values() if req not in waiting]
+        log.exception("engine step failed: failing its %d request(s) and serving on", len(held))
+        err = APIError(500, f"the engine failed on this request: {e!r}", code="engine_error")
+        for req in held:
+            sched.abort(req)  # frees its row (a no-op for one that finished inside the failed step)
+            self._send(req, ("error", (req, err)))
+            self._close(req)
+        if sched.running or len(sched.free_rows) != self.engine.max_batch_size:
+            raise RuntimeError("the engine's cache rows could not be recovered after a failed step") from e
 
     def _gauges(self) -> None:
         sched, m = self.engine.scheduler, self.metrics
