@@ -95,14 +95,6 @@ def summary(c: ModelConfig) -> dict:
     return {**p, "kv_cache_bytes_per_token": kv_cache_bytes_per_token(c), "flops_per_token": flops_per_token(c)}
 
 
-def pipeline_flops(generated=(), trained=(), scored=()) -> float:
-    """Compute a post-training pipeline spends, by the usual rule of thumb (Kaplan et al. 2020, arXiv 2001.08361):
-    2 N per generated token (one forward), 6 N per trained token (forward + backward), 2 N per scored token
-    (a frozen model's forward, e.g. a teacher's). Each argument: (N active parameters, tokens) pairs."""
-    return float(sum(2 * n * t for n, t in generated) + sum(6 * n * t for n, t in trained)
-                 + sum(2 * n * t for n, t in scored))
-
-
 # ---------------------------------------------------------------------------------------------- memory per rank
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_bf16": 4, "sgd": 0}  # per parameter: AdamW's two fp32 (or bf16) moments
 
