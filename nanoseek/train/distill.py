@@ -450,9 +450,7 @@ def train_onpolicy(oc: OnPolicyConfig, progress: bool = True, task=None, plot: b
     try:
         run.start(oc.resume)
         for step in run:
-            step_lr = lr_at(step, oc.steps, oc.lr, oc.warmup, "cosine", oc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
+            step_lr = run.set_lr(lr_at(step, oc.steps, oc.lr, oc.warmup, "cosine", oc.min_lr_ratio))
             on_policy = oc.lmbda >= 1.0 or random.Random(f"gkd|{oc.seed}|{step}").random() < oc.lmbda
             t0 = time.perf_counter()
             ro = grpo.rollout((model if on_policy else teacher).eval(), tokenizer, task, rc, step)
@@ -469,10 +467,7 @@ def train_onpolicy(oc: OnPolicyConfig, progress: bool = True, task=None, plot: b
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + v * n / n_tok
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip))
-            applied = run.guard.check(step, loss_sum, grad_norm)
-            if applied:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            applied = run.update(step, loss_sum, grad_norm)
             tokens = sum(len(p) + len(c) for p, c in zip(ro.prompts, ro.completions))
             rec = {"step": step, "lr": step_lr, "loss": loss_sum, **sums, "grad_norm": grad_norm,
                    "on_policy": int(on_policy), "accuracy": ro.stats["accuracy"],

@@ -225,15 +225,11 @@ def _run(tc: TrainConfig, progress: bool, info, plot: bool, model, cfg: ModelCon
         tokens_seen = state.get("tokens_seen", 0)
         for step in run:
             t0 = time.perf_counter()
-            step_lr = lr_at(step, tc.steps, lr, warmup, tc.schedule, tc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
+            step_lr = run.set_lr(lr_at(step, tc.steps, lr, warmup, tc.schedule, tc.min_lr_ratio))
             parts_sum, grad_norm, counts, update_bias = step_fn(data)
-            applied = run.guard.check(step, parts_sum["loss"], grad_norm)
+            applied = run.update(step, parts_sum["loss"], grad_norm)
             if applied:
-                optimizer.step()
                 update_bias()
-            optimizer.zero_grad(set_to_none=True)
             tokens_seen += tc.batch_size * tc.seq_len
             rec = {"step": step, **parts_sum, "lr": step_lr, "grad_norm": grad_norm, "tokens": tokens_seen,
                    "tokens_per_s": tc.batch_size * tc.seq_len / (time.perf_counter() - t0),
