@@ -116,30 +116,36 @@ def _write_weights(model, folder: str, max_shard_bytes: int) -> list[str]:
 def write_tensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: str, max_shard_bytes: int) -> list[str]:
     """Write (name, tensor) pairs as model.safetensors, or as shards of at most max_shard_bytes with the index
     transformers reads; returns the file names written."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in tensors:
-        nbytes = t.numel() * t.element_size()
+    tensors = {key: t.detach().to("cpu").clone() for key, t in tensors}  # clone: safetensors refuses shared storage
+    files = plan_shards([(key, t.numel() * t.element_size()) for key, t in tensors.items()], max_shard_bytes)
+    for name, keys in files.items():
+        save_file({key: tensors[key] for key in keys}, os.path.join(folder, name), metadata={"format": "pt"})
+    if len(files) == 1:
+        return list(files)
+    write_index(folder, files, sum(t.numel() * t.element_size() for t in tensors.values()))
+    return [*files, INDEX_FILE]
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> dict[str, list[str]]:
+    """File name -> tensor keys: (key, bytes) pairs in order, cut into shards of at most max_shard_bytes (a larger
+    tensor alone), named as transformers names them."""
+    shards, size = [[]], 0
+    for key, nbytes in sizes:
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = t.detach().to("cpu").clone()  # clone: safetensors refuses tensors sharing storage
+        shards[-1].append(key)
         size += nbytes
-    meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, SINGLE_FILE), metadata=meta)
-        return [SINGLE_FILE]
-    names, weight_map, total = [], {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(folder, name), metadata=meta)
-        names.append(name)
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    atomic_write_text(os.path.join(folder, INDEX_FILE), json.dumps(index, indent=2) + "\n")
-    return names + [INDEX_FILE]
+        return {SINGLE_FILE: shards[0]}
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": keys for i, keys in enumerate(shards)}
+
+
+def write_index(folder: str, files: dict[str, list[str]], total_bytes: int) -> None:
+    """The shards' model.safetensors.index.json (plan_shards' files)."""
+    weight_map = {key: name for name, keys in files.items() for key in keys}
+    atomic_write_text(os.path.join(folder, INDEX_FILE), json.dumps(
+        {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -283,8 +283,7 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 _V3_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
-_V2_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-            "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+_V2_YARN = {**_V3_YARN, "mscale": 0.707, "mscale_all_dim": 0.707}
 
 PRESETS: dict[str, dict] = {
     # ~3M parameters: every V3 idea at a size that trains in well under a second a step on 2 CPU cores.

@@ -29,6 +29,7 @@ from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
+from nanoseek.model.transformer import Transformer
 from nanoseek.train import balance
 
 SCHEDULES = ("1f1b", "interleaved", "dualpipev")
@@ -74,14 +75,10 @@ class RankModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if last else None
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if last else None
 
-    def init_weights(self, seed: int) -> None:
-        from nanoseek.model.init import init_parameters_
-        init_parameters_(self, seed, self.config.initializer_range)
-
-    def set_recompute(self, mode: str) -> None:
-        for m in self.modules():
-            if isinstance(m, Block):
-                m.recompute = mode
+    # the Transformer's own: seeded per parameter name (so the values match the whole model's), and a walk over
+    # the Blocks
+    init_weights = Transformer.init_weights
+    set_recompute = Transformer.set_recompute
 
 
 class Stage(nn.Module):

@@ -26,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nanoseek.checkpoint import INDEX_FILE, SINGLE_FILE, TensorSource, hf_keys
+from nanoseek.checkpoint import TensorSource, hf_keys, plan_shards, write_index
 from nanoseek.config import ModelConfig
 from nanoseek.io_utils import atomic_directory, atomic_write_text, fsync_dir
 from nanoseek.model.init import local_box
@@ -223,29 +223,21 @@ def export_pretrained(path: str, out: str, max_shard_bytes: int = 5 * 2**30) -> 
         layer = cfg.num_hidden_layers + k
         entries += [(f"model.layers.{layer}.embed_tokens.weight", "model.embed_tokens.weight"),
                     (f"model.layers.{layer}.shared_head.head.weight", "model.lm_head.weight")]
-    shards, size = [[]], 0
-    for hf, key in entries:
-        nbytes = meta[key].size.numel() * meta[key].properties.dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((hf, key))
-        size += nbytes
-    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                                    for i in range(len(shards))]
-    weight_map, total = {}, 0
+    dcp_key = dict(entries)
+    files = plan_shards([(hf, meta[key].size.numel() * meta[key].properties.dtype.itemsize) for hf, key in entries],
+                        max_shard_bytes)
+    total = 0
     with atomic_directory(out) as tmp:
-        for name, shard in zip(names, shards):
-            want = {key: torch.empty(tuple(meta[key].size), dtype=meta[key].properties.dtype) for _, key in shard}
+        for name, hfs in files.items():
+            want = {dcp_key[hf]: torch.empty(tuple(meta[dcp_key[hf]].size), dtype=meta[dcp_key[hf]].properties.dtype)
+                    for hf in hfs}
             dcp.load(want, checkpoint_id=path)
-            tensors = {hf: want[key].clone() for hf, key in shard}  # clone: a shared tensor's copies differ
+            tensors = {hf: want[dcp_key[hf]].clone() for hf in hfs}  # clone: a shared tensor's copies differ
             save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
-            weight_map.update({hf: name for hf in tensors})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             del want, tensors
-        if len(names) > 1:
-            atomic_write_text(os.path.join(tmp, INDEX_FILE), json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        if len(files) > 1:
+            write_index(tmp, files, total)
         cfg.to_json(os.path.join(tmp, "config.json"))
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             copy_tokenizer(path, tmp)
