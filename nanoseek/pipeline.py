@@ -25,7 +25,6 @@ from nanoseek.accounting import pipeline_stages
 from nanoseek.config import ModelConfig
 from nanoseek.fp8.modules import convert_to_fp8
 from nanoseek.model.block import Block
-from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
@@ -75,8 +74,7 @@ class RankModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if last else None
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if last else None
 
-    # the Transformer's own: seeded per parameter name (so the values match the whole model's), and a walk over
-    # the Blocks
+    # the Transformer's own methods: seeded per parameter name, so the values match the whole model's
     init_weights = Transformer.init_weights
     set_recompute = Transformer.set_recompute
 
@@ -102,8 +100,7 @@ class Stage(nn.Module):
         self.counts: torch.Tensor | None = None  # tokens per expert per MoE layer, summed over micro-batches
         self.balance_sum = 0.0
 
-    def moe_layers(self) -> list[MoE]:
-        return [m for part in (self.layers, self.mtp) for m in part.modules() if isinstance(m, MoE)]
+    moe_layers = Transformer.moe_layers  # this stage's, layers then MTP blocks
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None):
         if self.first:
