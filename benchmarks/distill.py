@@ -14,7 +14,7 @@ Rows (all evaluated on the held-out test split as r1zero does: --n problems x --
     student + on-policy distillation at the same FLOPs (`nanoseek distill onpolicy`, exact reverse KL);
     distilled, then GRPO (1x more GRPO);
     SFT on the teacher's unfiltered samples (the same samples, same steps: what the filters buy).
-FLOPs count what is spent after the teacher exists (nanoseek.accounting.pipeline_flops): 2 x active params per
+FLOPs count what is spent after the teacher exists (pipeline_flops): 2 x active params per
 generated token (rejected samples included), 6 x params per trained token, 2 x teacher params per scored token.
 GRPO and on-policy step counts are set from an estimate of their per-step FLOPs so that they spend the
 distillation's budget; the FLOPs actually spent are counted from their metrics and printed.
@@ -37,7 +37,7 @@ import time
 import torch
 
 from nanoseek import ModelConfig, load_tokenizer
-from nanoseek.accounting import param_counts, pipeline_flops
+from nanoseek.accounting import param_counts
 from nanoseek.eval import prompt_ids
 from nanoseek.tasks.arithmetic import ArithmeticTask
 from nanoseek.train import distill, grpo, pretrain, sft
@@ -45,6 +45,14 @@ from nanoseek.train.loop import read_metrics
 from nanoseek.train.state import latest_checkpoint, list_checkpoints
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pipeline_flops(generated=(), trained=(), scored=()) -> float:
+    """Compute a post-training pipeline spends, by the usual rule of thumb (Kaplan et al. 2020, arXiv 2001.08361):
+    2 N per generated token (one forward), 6 N per trained token (forward + backward), 2 N per scored token
+    (a frozen model's forward, e.g. a teacher's). Each argument: (N active parameters, tokens) pairs."""
+    return float(sum(2 * n * t for n, t in generated) + sum(6 * n * t for n, t in trained)
+                 + sum(2 * n * t for n, t in scored))
 
 
 def load_r1zero():

@@ -95,14 +95,6 @@ def summary(c: ModelConfig) -> dict:
     return {**p, "kv_cache_bytes_per_token": kv_cache_bytes_per_token(c), "flops_per_token": flops_per_token(c)}
 
 
-def pipeline_flops(generated=(), trained=(), scored=()) -> float:
-    """Compute a post-training pipeline spends, by the usual rule of thumb (Kaplan et al. 2020, arXiv 2001.08361):
-    2 N per generated token (one forward), 6 N per trained token (forward + backward), 2 N per scored token
-    (a frozen model's forward, e.g. a teacher's). Each argument: (N active parameters, tokens) pairs."""
-    return float(sum(2 * n * t for n, t in generated) + sum(6 * n * t for n, t in trained)
-                 + sum(2 * n * t for n, t in scored))
-
-
 # ---------------------------------------------------------------------------------------------- memory per rank
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_bf16": 4, "sgd": 0}  # per parameter: AdamW's two fp32 (or bf16) moments
 
@@ -111,7 +103,15 @@ RECOMPUTE = ("none", "block", "selective")
 
 
 def _block_activation_elems(c: ModelConfig, layer: int, recompute: str = "none") -> tuple[int, int]:
-    """(elements in the training dtype, fp32 bytes) one token saves for backward in one block (see memory_per_rank)."""
+    """(elements in the training dtype, fp32 bytes) one token saves for backward in one block; attention without
+    a stored score matrix (flash / SDPA style). With recompute "none":
+      attention 2d (block input, normed input) + 2 q_lora_rank + 2 kv_lora_rank + qk_rope_head_dim
+                + heads * (2 qk_head_dim + 2 v_head_dim)   (q, k, v, attention output)
+      dense FFN 2d + 3 intermediate_size                    (gate, up, their product)
+      MoE FFN   2d + k (2d + 3 moe_intermediate_size)       (dispatched copy, expert SwiGLU, returned copy)
+                + 3 n_shared moe_intermediate_size, plus n_routed_experts fp32 router scores
+    "block": d (its input); "selective": the block input and every matmul / attention output (norms, RoPE,
+    SwiGLU and other elementwise results are recomputed)."""
     d, h, i_moe = c.hidden_size, c.num_attention_heads, c.moe_intermediate_size
     if recompute == "block":  # only the block's input; the rest is recomputed one block at a time
         return d, 0
@@ -170,19 +170,11 @@ def memory_per_rank(c: ModelConfig, world_size: int, ep: int = 1, batch_tokens_p
     optimizer: OPTIMIZER_BYTES[optimizer] per local parameter (AdamW: exp_avg and exp_avg_sq in fp32).
     gathered: the transient unsharded working set: the stage's root parts (embedding, head) plus its largest FSDP
         unit (a block or an MTP module) with 1/ep of its routed experts, parameters and gradients, at `dtype`.
-    activations: an estimate, attention without a stored score matrix (flash / SDPA style). Per token and block,
-        values saved for backward at `dtype`, with recompute "none":
-          attention 2d (block input, normed input) + 2 q_lora_rank + 2 kv_lora_rank + qk_rope_head_dim
-                    + heads * (2 qk_head_dim + 2 v_head_dim)   (q, k, v, attention output)
-          dense FFN 2d + 3 intermediate_size                    (gate, up, their product)
-          MoE FFN   2d + k (2d + 3 moe_intermediate_size)       (dispatched copy, expert SwiGLU, returned copy)
-                    + 3 n_shared moe_intermediate_size, plus n_routed_experts fp32 router scores
-          MTP module 4d (two norms, the concatenation) + its block
-        "block": d per block (its input), plus one block's full set while it is recomputed.
-        "selective": the block input and every matmul / attention output (norms, RoPE, SwiGLU and other
-        elementwise results are recomputed).
-        plus fp32 logits, vocab_size * 4 bytes per token for the head and each MTP depth (last stage).
-        Under 1F1B, stage s keeps min(microbatches, pp - s) micro-batches in flight (microbatches defaults to 4 pp).
+    activations: an estimate, per token and block as _block_activation_elems counts; an MTP module adds 4d (two
+        norms, the concatenation) to its block. "block" recompute adds one block's full set while it is
+        recomputed; the last stage adds fp32 logits, vocab_size * 4 bytes per token for the head and each MTP
+        depth. Under 1F1B, stage s keeps min(microbatches, pp - s) micro-batches in flight (microbatches
+        defaults to 4 pp).
     """
     if world_size < 1 or ep < 1 or pp < 1 or world_size % (ep * pp) or c.n_routed_experts % ep:
         raise ValueError(f"ep ({ep}) x pp ({pp}) must divide world_size ({world_size}) and ep must divide "
@@ -191,12 +183,27 @@ def memory_per_rank(c: ModelConfig, world_size: int, ep: int = 1, batch_tokens_p
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_BYTES)}, got {optimizer!r}")
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
-    nbytes = DTYPE_BYTES[dtype]
     microbatches = microbatches or 4 * pp
-    p = param_counts(c)
+    stages = [_stage_memory(c, s, units, world_size // pp, ep, pp, batch_tokens_per_rank, DTYPE_BYTES[dtype],
+                            OPTIMIZER_BYTES[optimizer], recompute, microbatches)
+              for s, units in enumerate(pipeline_stages(c, pp))]
+    worst = max(stages, key=lambda st: st["total_bytes"])
+    out = {"world_size": world_size, "ep": ep, "pp": pp, "recompute": recompute, "dtype": dtype,
+           "optimizer": optimizer, "batch_tokens_per_rank": batch_tokens_per_rank,
+           **{k: worst[k] for k in ("params_per_rank", "param_bytes", "grad_bytes", "optimizer_bytes",
+                                    "gathered_bytes", "activation_bytes", "total_bytes")}}
+    if pp > 1:
+        out.update(stage=worst["stage"], microbatches=microbatches, stages=stages,
+                   bubble={sch: bubble_fraction(pp, microbatches, sch) for sch in ("1f1b", "interleaved")})
+    return out
+
+
+def _stage_memory(c: ModelConfig, s: int, units: list[int], stage_ranks: int, ep: int, pp: int, batch_tokens: int,
+                  nbytes: int, optimizer_bytes: int, recompute: str, microbatches: int) -> dict:
+    """memory_per_rank's numbers for pipeline stage s (blocks `units`), one of its stage_ranks ranks."""
     d = c.hidden_size
+    p = param_counts(c)
     routed = 3 * d * c.moe_intermediate_size * c.n_routed_experts
-    stage_ranks = world_size // pp
 
     def unit_params(i: int) -> int:  # a block, or an MTP module (its block, eh_proj, 3 norms)
         b = block_params(c, i)
@@ -207,33 +214,20 @@ def memory_per_rank(c: ModelConfig, world_size: int, ep: int = 1, batch_tokens_p
         mtp = (d if mode == "block" else 4 * d) if i >= c.num_hidden_layers else 0
         return (e + mtp) * nbytes + f
 
-    stages = []
-    for s, units in enumerate(pipeline_stages(c, pp)):
-        first, last = s == 0, s == pp - 1
-        root = (p["by_part"]["embedding"] if first else 0) + (p["by_part"]["output_head"] + d if last else 0)
-        params = root + sum(unit_params(i) for i in units)
-        local = -(-params // stage_ranks)  # ceil: FSDP pads the last shard
-        biggest = max(unit_params(i) - (routed - routed // ep if c.is_moe_layer(i) else 0) for i in units)
-        gathered = 2 * (root - (d if last else 0) + biggest) * nbytes
-        in_flight = min(microbatches, pp - s)
-        per_token = in_flight * sum(unit_acts(i, recompute) for i in units)
-        if recompute == "block":
-            per_token += max(unit_acts(i, "none") for i in units)
-        if last:
-            per_token += 4 * c.vocab_size * (1 + c.num_nextn_predict_layers)
-        st = {"stage": s, "blocks": units, "params": params, "params_per_rank": local,
-              "param_bytes": local * nbytes, "grad_bytes": local * nbytes,
-              "optimizer_bytes": local * OPTIMIZER_BYTES[optimizer], "gathered_bytes": gathered,
-              "activation_bytes": batch_tokens_per_rank * per_token}
-        st["total_bytes"] = sum(st[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "gathered_bytes",
-                                                "activation_bytes"))
-        stages.append(st)
-    worst = max(stages, key=lambda st: st["total_bytes"])
-    out = {"world_size": world_size, "ep": ep, "pp": pp, "recompute": recompute, "dtype": dtype,
-           "optimizer": optimizer, "batch_tokens_per_rank": batch_tokens_per_rank,
-           **{k: worst[k] for k in ("params_per_rank", "param_bytes", "grad_bytes", "optimizer_bytes",
-                                    "gathered_bytes", "activation_bytes", "total_bytes")}}
-    if pp > 1:
-        out.update(stage=worst["stage"], microbatches=microbatches, stages=stages,
-                   bubble={sch: bubble_fraction(pp, microbatches, sch) for sch in ("1f1b", "interleaved")})
-    return out
+    first, last = s == 0, s == pp - 1
+    root = (p["by_part"]["embedding"] if first else 0) + (p["by_part"]["output_head"] + d if last else 0)
+    params = root + sum(unit_params(i) for i in units)
+    local = -(-params // stage_ranks)  # ceil: FSDP pads the last shard
+    biggest = max(unit_params(i) - (routed - routed // ep if c.is_moe_layer(i) else 0) for i in units)
+    per_token = min(microbatches, pp - s) * sum(unit_acts(i, recompute) for i in units)  # in flight under 1F1B
+    if recompute == "block":
+        per_token += max(unit_acts(i, "none") for i in units)
+    if last:
+        per_token += 4 * c.vocab_size * (1 + c.num_nextn_predict_layers)
+    st = {"stage": s, "blocks": units, "params": params, "params_per_rank": local, "param_bytes": local * nbytes,
+          "grad_bytes": local * nbytes, "optimizer_bytes": local * optimizer_bytes,
+          "gathered_bytes": 2 * (root - (d if last else 0) + biggest) * nbytes,
+          "activation_bytes": batch_tokens * per_token}
+    st["total_bytes"] = sum(st[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "gathered_bytes",
+                                            "activation_bytes"))
+    return st

@@ -18,14 +18,24 @@ from nanoseek.tokenizer import load_tokenizer
 DIM, RESET = "\033[2m", "\033[0m"
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_model(model_dir: str, max_seq_len: int, dtype: str = "float32", command: str = "generate"):
+    """(model, tokenizer, max_seq_len capped at the model's positions) for a checkpoint directory that holds a
+    tokenizer, as every inference command needs them."""
+    if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        raise ValueError(f"{model_dir} has no tokenizer.json: {command} needs the checkpoint's tokenizer "
+                         "(training runs copy it into every checkpoint)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    model = Transformer.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    return model, load_tokenizer(model_dir), min(max_seq_len, model.config.max_position_embeddings)
+
+
 def load(model_dir: str, max_seq_len: int, dtype: str = "float32"):
     """(engine, tokenizer) for a checkpoint directory that holds a tokenizer."""
-    if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
-        raise ValueError(f"{model_dir} has no tokenizer.json: generate needs the checkpoint's tokenizer "
-                         "(training runs copy it into every checkpoint)")
-    tok = load_tokenizer(model_dir)
-    model = Transformer.from_pretrained(model_dir, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-    max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
+    model, tok, max_seq_len = load_model(model_dir, max_seq_len, dtype)
     return Engine(model, max_batch_size=1, max_seq_len=max_seq_len), tok
 
 

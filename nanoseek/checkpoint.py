@@ -116,59 +116,72 @@ def _write_weights(model, folder: str, max_shard_bytes: int) -> list[str]:
 def write_tensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: str, max_shard_bytes: int) -> list[str]:
     """Write (name, tensor) pairs as model.safetensors, or as shards of at most max_shard_bytes with the index
     transformers reads; returns the file names written."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in tensors:
-        nbytes = t.numel() * t.element_size()
+    tensors = {key: t.detach().to("cpu").clone() for key, t in tensors}  # clone: safetensors refuses shared storage
+    files = plan_shards([(key, t.numel() * t.element_size()) for key, t in tensors.items()], max_shard_bytes)
+    for name, keys in files.items():
+        save_file({key: tensors[key] for key in keys}, os.path.join(folder, name), metadata={"format": "pt"})
+    if len(files) == 1:
+        return list(files)
+    write_index(folder, files, sum(t.numel() * t.element_size() for t in tensors.values()))
+    return [*files, INDEX_FILE]
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> dict[str, list[str]]:
+    """File name -> tensor keys: (key, bytes) pairs in order, cut into shards of at most max_shard_bytes (a larger
+    tensor alone), named as transformers names them."""
+    shards, size = [[]], 0
+    for key, nbytes in sizes:
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = t.detach().to("cpu").clone()  # clone: safetensors refuses tensors sharing storage
+        shards[-1].append(key)
         size += nbytes
-    meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, SINGLE_FILE), metadata=meta)
-        return [SINGLE_FILE]
-    names, weight_map, total = [], {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(folder, name), metadata=meta)
-        names.append(name)
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    atomic_write_text(os.path.join(folder, INDEX_FILE), json.dumps(index, indent=2) + "\n")
-    return names + [INDEX_FILE]
+        return {SINGLE_FILE: shards[0]}
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": keys for i, keys in enumerate(shards)}
+
+
+def write_index(folder: str, files: dict[str, list[str]], total_bytes: int) -> None:
+    """The shards' model.safetensors.index.json (plan_shards' files)."""
+    weight_map = {key: name for name, keys in files.items() for key in keys}
+    atomic_write_text(os.path.join(folder, INDEX_FILE), json.dumps(
+        {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ loading
-class _TensorSource:
-    """Lazy reader over a checkpoint's safetensors files (single file or an index of shards)."""
+def _weight_map(path: str) -> dict[str, str]:
+    """Tensor key -> file of a checkpoint directory's safetensors (an index of shards, or one file)."""
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            return json.load(f)["weight_map"]
+    if os.path.exists(os.path.join(path, SINGLE_FILE)):
+        with safe_open(os.path.join(path, SINGLE_FILE), framework="pt") as f:
+            return {k: SINGLE_FILE for k in f.keys()}
+    raise CheckpointError(f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
 
-    def __init__(self, path: str):
-        index = os.path.join(path, INDEX_FILE)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        elif os.path.exists(os.path.join(path, SINGLE_FILE)):
-            with safe_open(os.path.join(path, SINGLE_FILE), framework="pt") as f:
-                weight_map = {k: SINGLE_FILE for k in f.keys()}
-        else:
-            raise CheckpointError(f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
-        self.path, self.weight_map, self._open = path, weight_map, {}
+
+class TensorSource:
+    """Lazy reader over a checkpoint's safetensors files (one file or an index of shards, or the given key ->
+    file map); `get` can read just a part of a tensor (safetensors' get_slice reads only those bytes)."""
+
+    def __init__(self, path: str, weight_map: dict[str, str] | None = None):
+        self.path, self._open = path, {}
+        self.weight_map = weight_map if weight_map is not None else _weight_map(path)
 
     def keys(self):
         return self.weight_map.keys()
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, index: tuple | None = None) -> torch.Tensor:
+        """The tensor `key`, or only its part `index` (a tuple of slices, one per dim)."""
         file = self.weight_map[key]
         if file not in self._open:
             full = os.path.join(self.path, file)
             if not os.path.exists(full):
                 raise CheckpointError(f"{INDEX_FILE} names {file} for {key}, but {full} does not exist")
             self._open[file] = safe_open(full, framework="pt")
-        return self._open[file].get_tensor(key)
+        f = self._open[file]
+        return f.get_tensor(key) if index is None or all(s == slice(None) for s in index) else f.get_slice(key)[index]
 
 
 def read_config(path: str) -> ModelConfig:
@@ -178,7 +191,7 @@ def read_config(path: str) -> ModelConfig:
         raise CheckpointError(f"{path} is not a checkpoint directory")
     cfg = ModelConfig.from_json(os.path.join(path, "config.json"))
     first_mtp = f"model.layers.{cfg.num_hidden_layers}."
-    if cfg.num_nextn_predict_layers > 0 and not any(k.startswith(first_mtp) for k in _TensorSource(path).keys()):
+    if cfg.num_nextn_predict_layers > 0 and not any(k.startswith(first_mtp) for k in TensorSource(path).keys()):
         warnings.warn(f"config.json announces {cfg.num_nextn_predict_layers} MTP module(s) but {path} holds no "
                       f"{first_mtp}* weights: loading without multi-token prediction", stacklevel=3)
         cfg = cfg.replace(num_nextn_predict_layers=0)
@@ -191,7 +204,7 @@ def read_state(path: str, cfg: ModelConfig, expected: dict[str, torch.Tensor], d
     tensors do: only names and shapes are read). FP8 weights are dequantised with their weight_scale_inv; the
     router gate and its bias stay fp32, everything else becomes `dtype`. Every tensor must be there with its
     shape, and nothing the config does not describe may be left over."""
-    src = _TensorSource(path)
+    src = TensorSource(path)
     keys = set(src.keys())
     qc = cfg.quantization_config
     block = tuple(qc.get("weight_block_size", (128, 128))) if qc and qc.get("quant_method") == "fp8" else (128, 128)

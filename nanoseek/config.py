@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A config field has a value nanoseek cannot build a model from; the message names the field."""
 
 
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
 ROPE_KEYS = ("type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
              "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
@@ -101,67 +106,68 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ConfigError(msg)
-
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_nope_head_dim", "v_head_dim", "max_position_embeddings"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                 f"{name} must be a positive integer, got {v!r}")
-        need(self.model_type in ("deepseek_v3", "deepseek_v2"),
-             f"model_type must be 'deepseek_v3' or 'deepseek_v2', got {self.model_type!r}")
-        need(isinstance(self.qk_rope_head_dim, int) and self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
-             f"qk_rope_head_dim must be a positive even number (RoPE rotates pairs), got {self.qk_rope_head_dim!r}")
-        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
-             f"q_lora_rank must be null or a positive integer, got {self.q_lora_rank!r}")
-        need(self.hidden_act == "silu", f"hidden_act must be 'silu' (SwiGLU experts), got {self.hidden_act!r}")
-        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
-             f"first_k_dense_replace ({self.first_k_dense_replace}) must be between 0 and num_hidden_layers "
-             f"({self.num_hidden_layers})")
-        need(self.moe_layer_freq >= 1, f"moe_layer_freq must be >= 1, got {self.moe_layer_freq}")
-        need(self.num_nextn_predict_layers >= 0,
-             f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
-        need(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-        need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
-        need(self.torch_dtype in ("float32", "bfloat16", "float16"),
-             f"torch_dtype must be float32, bfloat16 or float16, got {self.torch_dtype!r}")
-        need(self.n_routed_experts >= 0, f"n_routed_experts must be >= 0, got {self.n_routed_experts}")
+            _need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                  f"{name} must be a positive integer, got {v!r}")
+        _need(self.model_type in ("deepseek_v3", "deepseek_v2"),
+              f"model_type must be 'deepseek_v3' or 'deepseek_v2', got {self.model_type!r}")
+        _need(isinstance(self.qk_rope_head_dim, int) and self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+              f"qk_rope_head_dim must be a positive even number (RoPE rotates pairs), got {self.qk_rope_head_dim!r}")
+        _need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+              f"q_lora_rank must be null or a positive integer, got {self.q_lora_rank!r}")
+        _need(self.hidden_act == "silu", f"hidden_act must be 'silu' (SwiGLU experts), got {self.hidden_act!r}")
+        _need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+              f"first_k_dense_replace ({self.first_k_dense_replace}) must be between 0 and num_hidden_layers "
+              f"({self.num_hidden_layers})")
+        _need(self.moe_layer_freq >= 1, f"moe_layer_freq must be >= 1, got {self.moe_layer_freq}")
+        _need(self.num_nextn_predict_layers >= 0,
+              f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
+        _need(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        _need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        _need(self.torch_dtype in ("float32", "bfloat16", "float16"),
+              f"torch_dtype must be float32, bfloat16 or float16, got {self.torch_dtype!r}")
+        _need(self.n_routed_experts >= 0, f"n_routed_experts must be >= 0, got {self.n_routed_experts}")
         if self.n_routed_experts > 0:
-            E, k = self.n_routed_experts, self.num_experts_per_tok
-            need(self.moe_intermediate_size > 0, "moe_intermediate_size must be > 0 when n_routed_experts > 0")
-            need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-            need(1 <= k <= E, f"num_experts_per_tok (k={k}) must be between 1 and n_routed_experts ({E})")
-            need(self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"),
-                 f"topk_method must be greedy, group_limited_greedy or noaux_tc, got {self.topk_method!r}")
-            need(self.scoring_func in ("sigmoid", "softmax"),
-                 f"scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
-            need(self.n_group >= 1, f"n_group must be >= 1, got {self.n_group}")
-            need(E % self.n_group == 0,
-                 f"n_routed_experts ({E}) must be divisible by n_group ({self.n_group})")
-            need(1 <= self.topk_group <= self.n_group,
-                 f"topk_group ({self.topk_group}) must be between 1 and n_group ({self.n_group})")
-            if self.topk_method != "greedy":
-                per_group = E // self.n_group
-                need(self.topk_group * per_group >= k,
-                     f"topk_group ({self.topk_group}) groups of {per_group} experts hold fewer than "
-                     f"num_experts_per_tok ({k}) experts: raise topk_group or lower num_experts_per_tok")
-                if self.topk_method == "noaux_tc" and self.n_group > 1:
-                    need(per_group >= 2, f"noaux_tc scores a group by its top-2 experts: n_routed_experts/n_group "
-                                         f"must be >= 2, got {per_group}")
+            self._validate_routing()
         if self.intermediate_size is not None:
-            need(self.intermediate_size > 0 or self.first_k_dense_replace == 0,
-                 "intermediate_size must be > 0 when first_k_dense_replace > 0")
+            _need(self.intermediate_size > 0 or self.first_k_dense_replace == 0,
+                  "intermediate_size must be > 0 when first_k_dense_replace > 0")
         if self.rope_scaling is not None:
-            need(isinstance(self.rope_scaling, dict), f"rope_scaling must be an object, got {self.rope_scaling!r}")
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            need(kind in ("default", "yarn"), f"rope_scaling type must be 'yarn' (or 'default'), got {kind!r}")
-            if kind == "yarn":
-                need(float(self.rope_scaling.get("factor", 0)) >= 1.0,
-                     f"rope_scaling.factor must be >= 1 for YaRN, got {self.rope_scaling.get('factor')!r}")
-                need(int(self.rope_scaling.get("original_max_position_embeddings", 0)) > 0,
-                     "rope_scaling.original_max_position_embeddings must be a positive integer for YaRN")
+            self._validate_rope_scaling()
+
+    def _validate_routing(self) -> None:
+        E, k = self.n_routed_experts, self.num_experts_per_tok
+        _need(self.moe_intermediate_size > 0, "moe_intermediate_size must be > 0 when n_routed_experts > 0")
+        _need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        _need(1 <= k <= E, f"num_experts_per_tok (k={k}) must be between 1 and n_routed_experts ({E})")
+        _need(self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"),
+              f"topk_method must be greedy, group_limited_greedy or noaux_tc, got {self.topk_method!r}")
+        _need(self.scoring_func in ("sigmoid", "softmax"),
+              f"scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
+        _need(self.n_group >= 1, f"n_group must be >= 1, got {self.n_group}")
+        _need(E % self.n_group == 0, f"n_routed_experts ({E}) must be divisible by n_group ({self.n_group})")
+        _need(1 <= self.topk_group <= self.n_group,
+              f"topk_group ({self.topk_group}) must be between 1 and n_group ({self.n_group})")
+        if self.topk_method != "greedy":
+            per_group = E // self.n_group
+            _need(self.topk_group * per_group >= k,
+                  f"topk_group ({self.topk_group}) groups of {per_group} experts hold fewer than "
+                  f"num_experts_per_tok ({k}) experts: raise topk_group or lower num_experts_per_tok")
+            if self.topk_method == "noaux_tc" and self.n_group > 1:
+                _need(per_group >= 2, f"noaux_tc scores a group by its top-2 experts: n_routed_experts/n_group "
+                                      f"must be >= 2, got {per_group}")
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        _need(isinstance(rs, dict), f"rope_scaling must be an object, got {rs!r}")
+        kind = rs.get("rope_type", rs.get("type", "default"))
+        _need(kind in ("default", "yarn"), f"rope_scaling type must be 'yarn' (or 'default'), got {kind!r}")
+        if kind == "yarn":
+            _need(float(rs.get("factor", 0)) >= 1.0, f"rope_scaling.factor must be >= 1 for YaRN, got {rs.get('factor')!r}")
+            _need(int(rs.get("original_max_position_embeddings", 0)) > 0,
+                  "rope_scaling.original_max_position_embeddings must be a positive integer for YaRN")
 
     # ---------------------------------------------------------------- (de)serialisation
     @classmethod
@@ -277,8 +283,7 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 _V3_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
-_V2_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-            "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+_V2_YARN = {**_V3_YARN, "mscale": 0.707, "mscale_all_dim": 0.707}
 
 PRESETS: dict[str, dict] = {
     # ~3M parameters: every V3 idea at a size that trains in well under a second a step on 2 CPU cores.

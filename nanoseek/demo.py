@@ -17,6 +17,7 @@ Stages (each prints one progress line):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -76,26 +77,18 @@ class Stages:
     names = ("data", "pretrain", "eval base", "R1-Zero (GRPO)", "distill", "serve", "transformers", "report")
 
     def __init__(self):
-        self.t0, self.seconds = time.perf_counter(), {}
+        self.seconds = {}
 
+    @contextlib.contextmanager
     def __call__(self, name: str, detail: str = ""):
         k = self.names.index(name) + 1
         print(f"[{k}/{len(self.names)}] {name}{': ' + detail if detail else ''}", flush=True)
-        return _Timer(self, name)
-
-
-class _Timer:
-    def __init__(self, stages: Stages, name: str):
-        self.stages, self.name = stages, name
-
-    def __enter__(self):
-        self.t = time.perf_counter()
-
-    def __exit__(self, *exc):
-        dt = time.perf_counter() - self.t
-        self.stages.seconds[self.name] = dt
-        if exc[0] is None:
-            print(f"      done in {dt:.0f} s", flush=True)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - t
+        print(f"      done in {self.seconds[name]:.0f} s", flush=True)
 
 
 def _score(model_dir: str, dc: DemoConfig, task) -> dict:
@@ -151,12 +144,10 @@ def run(dc: DemoConfig) -> dict:
         models["R1-Zero"] = _score(teacher, dc, task)
         print("      " + _row(models["R1-Zero"]))
 
-    final = teacher
     student = _distill_stage(stage, dc, data, teacher, task)
     models["student (distilled)"] = student["scores"]
-    final = student["model"]
     served = _serve_stage(stage, dc, teacher)
-    check = _transformers_stage(stage, final)
+    check = _transformers_stage(stage, student["model"])
 
     with stage("report", os.path.join(dc.out, "report.md")):
         plots["pass@1"] = _plot_pass1(models, os.path.join(dc.out, "pass1.png"))

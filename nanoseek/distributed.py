@@ -11,8 +11,7 @@ Pieces, in the order a trainer uses them:
   parallelize(model, mesh)  expert parallelism for every MoE layer (ep > 1), then FSDP2 per block and the root
   build_model(cfg, seed, ...) the model built on the meta device, parallelized, only local shards materialised
   clip_grad_norm_()         the global gradient norm over sharded and expert-parallel parameters
-  full_state_dict(), full_optimizer_state_dict(), load_full_state()
-                            whole (unsharded) model and optimizer state, so checkpoints do not depend on world size
+  full_state_dict()         the whole (unsharded) model state on every rank (checkpoints: nanoseek/train/sharded.py)
 
 Expert parallelism (DeepSeek-V3 section 3.2): rank r of an ep group keeps routed experts [r E/ep, (r+1) E/ep).
 Experts take rows already sorted by expert plus the tokens per expert (GroupedExperts.forward, torchtitan's
@@ -49,9 +48,9 @@ try:  # torch >= 2.6
 except ImportError:  # torch 2.4 / 2.5 kept FSDP2 under _composable
     from torch.distributed._composable.fsdp import fully_shard
 try:
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # torch < 2.5
-    from torch.distributed._tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed._tensor import DTensor, Shard
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
@@ -63,10 +62,6 @@ class DistInfo:
     local_rank: int
     device: torch.device
     owns_group: bool  # init_distributed created the process group (and so should destroy it)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def init_distributed() -> DistInfo | None:
@@ -356,55 +351,7 @@ def _gather(t: torch.Tensor, ep_module: ExpertParallelExperts | None) -> torch.T
     return t.detach().cpu()
 
 
-def _shard_like(full: torch.Tensor, like: torch.Tensor, ep_module: ExpertParallelExperts | None) -> torch.Tensor:
-    """This rank's part of `full`, placed as `like` is (the inverse of _gather; no communication)."""
-    if ep_module is not None:
-        full = full[ep_module.first: ep_module.first + ep_module.num_local]
-    full = full.to(device=like.device, dtype=like.dtype)
-    if isinstance(like, DTensor):
-        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
-    return full
-
-
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's whole state dict (nanoseek names, CPU tensors) on every rank. Collective: all ranks call it."""
     ep_names = expert_parallel_names(model)
     return {name: _gather(t, ep_names.get(name)) for name, t in model.state_dict().items()}
-
-
-def _optimizer_params(model: nn.Module, optimizer) -> list[tuple[str, nn.Parameter]]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [(names[id(p)], p) for group in optimizer.param_groups for p in group["params"]]
-
-
-def full_optimizer_state_dict(model: nn.Module, optimizer) -> dict:
-    """optimizer.state_dict() with every per-parameter tensor made whole (collective). Its indices are the
-    single-process optimizer's, so it loads into a plain optimizer over an unsharded model of any world size."""
-    sd = optimizer.state_dict()
-    ep_names = expert_parallel_names(model)
-    state = {}
-    for idx, (name, _) in enumerate(_optimizer_params(model, optimizer)):
-        if idx not in sd["state"]:
-            continue
-        state[idx] = {k: _gather(v, ep_names.get(name)) if torch.is_tensor(v) and v.dim() > 0 else v
-                      for k, v in sd["state"][idx].items()}
-    return {"state": state, "param_groups": sd["param_groups"]}
-
-
-@torch.no_grad()
-def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict | None = None) -> None:
-    """Load whole (single-process layout) model and optimizer state into a parallelized model, each rank
-    keeping only its shard. The inverse of full_state_dict / full_optimizer_state_dict."""
-    ep_names = expert_parallel_names(model)
-    for name, t in model.state_dict().items():
-        part = _shard_like(model_state[name], t, ep_names.get(name))
-        (t.to_local() if isinstance(t, DTensor) else t).copy_(part.to_local() if isinstance(part, DTensor) else part)
-    if optimizer_state is None:
-        return
-    state = {}
-    for idx, (name, p) in enumerate(_optimizer_params(model, optimizer)):
-        if idx in optimizer_state["state"]:
-            state[idx] = {k: _shard_like(v, p, ep_names.get(name)).to(v.dtype)
-                          if torch.is_tensor(v) and v.dim() > 0 else v
-                          for k, v in optimizer_state["state"][idx].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer_state["param_groups"]})

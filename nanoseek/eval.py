@@ -20,6 +20,7 @@ and the generation prompt, optionally prefilled with "<think>") and batched samp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -52,9 +53,7 @@ def generate_batched(model, prompts: list[list[int]], params: SamplingParams, ba
                     kv_cache_dtype=kv_cache_dtype)
     out: list[list[int]] = []
     for i, start in enumerate(range(0, len(prompts), batch_size)):
-        seed = None if params.seed is None else params.seed + i
-        chunk_params = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k,
-                                      params.stop_token_ids, seed)
+        chunk_params = dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
         out += engine.generate(prompts[start: start + batch_size], chunk_params)
         if progress is not None:
             progress.update(min(batch_size, len(prompts) - start))

@@ -14,17 +14,21 @@ its experts' tokens per micro-batch for the bias update.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek import distributed
 from nanoseek.accounting import pipeline_stages
 from nanoseek.config import ModelConfig
+from nanoseek.fp8.modules import convert_to_fp8
 from nanoseek.model.block import Block
-from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
+from nanoseek.model.transformer import Transformer
 from nanoseek.train import balance
 
 SCHEDULES = ("1f1b", "interleaved", "dualpipev")
@@ -73,14 +77,9 @@ class RankModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if last else None
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if last else None
 
-    def init_weights(self, seed: int) -> None:
-        from nanoseek.model.init import init_parameters_
-        init_parameters_(self, seed, self.config.initializer_range)
-
-    def set_recompute(self, mode: str) -> None:
-        for m in self.modules():
-            if isinstance(m, Block):
-                m.recompute = mode
+    # the Transformer's own methods: seeded per parameter name, so the values match the whole model's
+    init_weights = Transformer.init_weights
+    set_recompute = Transformer.set_recompute
 
 
 class Stage(nn.Module):
@@ -104,8 +103,7 @@ class Stage(nn.Module):
         self.counts: torch.Tensor | None = None  # tokens per expert per MoE layer, summed over micro-batches
         self.balance_sum = 0.0
 
-    def moe_layers(self) -> list[MoE]:
-        return [m for part in (self.layers, self.mtp) for m in part.modules() if isinstance(m, MoE)]
+    moe_layers = Transformer.moe_layers  # this stage's, layers then MTP blocks
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None):
         if self.first:
@@ -194,3 +192,145 @@ def make_schedule(schedule: str, stages: list, n_microbatches: int, loss_fn):
         raise ValueError(f"--pp-schedule dualpipev needs torch.distributed.pipelining.ScheduleDualPipeV (torch >= "
                          f"2.9; this is {torch.__version__}): use 1f1b or interleaved")
     return pl.ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn)
+
+
+# ------------------------------------------------------------------------------------------ a rank's pipeline run
+@dataclass
+class RankPipeline:
+    """One rank's share of a pipeline-parallel training run (build_rank_pipeline)."""
+
+    rank_model: RankModel
+    stages: list[Stage]
+    schedule: object
+    parts: list  # (CE, MTP CE) of every micro-batch the last stage ran (loss_fn_for)
+    evaluating: dict  # {"on": True} while evaluate runs: the loss is the main CE alone
+    device: torch.device
+    stage_size: int  # ranks per stage; they split every batch
+    stage_rank: int
+    n_micro: int
+    n_moe: int  # MoE layers of the whole model a step routes (layers, then MTP when trained)
+    moe_rows: list[list[int]]  # per stage of this rank: its MoE layers' rows in the global counts
+    has_first: bool
+    has_last: bool
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a global batch (the stage's ranks split it; every stage sees the same batch)."""
+        return t.tensor_split(self.stage_size)[self.stage_rank].to(self.device)
+
+    def run(self, fn, x: torch.Tensor, y: torch.Tensor):
+        """schedule.step or .eval with the inputs this rank's stages take: ids on the first, targets on the last."""
+        return fn(*((x,) if self.has_first else ()), target=y if self.has_last else None)
+
+
+def build_rank_pipeline(tc, cfg: ModelConfig, info, recipe=None) -> RankPipeline:
+    """This rank's stages of the model, sharded over the stage's ranks and initialised (the values of the
+    whole model's parameters of the same names), and the schedule that runs them. `tc`: pretrain's
+    TrainConfig (pp, ep, pp_schedule, pp_microbatches, batch_size, seq_len, mtp_lambda, balance_alpha, seed,
+    recompute, eval_every)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    mesh, stage_mesh = distributed.make_pipeline_mesh(info, tc.pp, tc.ep)
+    stage_size = info.world_size // tc.pp
+    pp_rank = info.rank // stage_size
+    n_micro = tc.pp_microbatches or 2 * tc.pp
+    if tc.batch_size % stage_size or (tc.batch_size // stage_size) % n_micro:
+        raise ValueError(f"--batch-size {tc.batch_size} must split into {stage_size} ranks per stage x {n_micro} "
+                         "pipeline micro-batches")
+    use_mtp = tc.mtp_lambda > 0 and cfg.num_nextn_predict_layers > 0
+    if use_mtp and tc.pp_schedule == "dualpipev":  # its split input / weight backward loses part of the MTP
+        # embedding's gradient (tested: 1e-3 off the 1-process gradient norm; exact without MTP)
+        raise ValueError("--pp-schedule dualpipev with MTP is not supported yet: use --mtp-lambda 0, or 1f1b / "
+                         "interleaved")
+    num_stages, layout, blocks = stage_layout(cfg, tc.pp_schedule, tc.pp, pp_rank)
+    has_first, has_last = any(f for _, _, f, _ in layout), any(la for _, _, _, la in layout)
+    with torch.device("meta"):
+        rank_model = RankModel(cfg, blocks, has_first, has_last)
+        stages = [Stage(rank_model, b, f, la, use_mtp, tc.balance_alpha) for _, b, f, la in layout]
+    if recipe:
+        convert_to_fp8(rank_model, recipe)
+    distributed.parallelize_pipeline(rank_model, stages, mesh, stage_mesh, tc.ep)
+    rank_model.to_empty(device=info.device)
+    rank_model.init_weights(tc.seed)  # the same values as the whole model's parameters of these names
+    rank_model.set_recompute(tc.recompute)
+    rank_model.train()
+    for st in stages:
+        st.train()
+    mb = tc.batch_size // stage_size // n_micro
+    pipe_stages = []
+    for st, (s, _, first, last) in zip(stages, layout):
+        inputs, outputs = stage_io(cfg, first, last, use_mtp, mb, tc.seq_len)
+        pipe_stages.append(PipelineStage(st, s, num_stages, info.device, input_args=inputs, output_args=outputs,
+                                         group=mesh["pp"].get_group()))
+    parts: list = []
+    evaluating = {"on": False}
+    schedule = make_schedule(tc.pp_schedule, pipe_stages, n_micro, loss_fn_for(tc.mtp_lambda, parts, evaluating))
+    if tc.eval_every and tc.pp_schedule == "dualpipev":  # torch's DualPipeV runs no forward-only step
+        raise ValueError("--pp-schedule dualpipev cannot evaluate yet: set --eval-every 0, or use 1f1b / interleaved")
+    if tc.eval_every and not hasattr(schedule, "eval"):
+        raise ValueError(f"evaluation with --pp needs the pipeline schedules' eval() (torch >= 2.7; this is "
+                         f"{torch.__version__}): set --eval-every 0")
+    moe_blocks = [i for i in range(cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if use_mtp else 0))
+                  if cfg.is_moe_layer(i)]
+    moe_rows = [[moe_blocks.index(i) for i in b if i in moe_blocks] for _, b, _, _ in layout]
+    return RankPipeline(rank_model, stages, schedule, parts, evaluating, info.device, stage_size,
+                        info.rank % stage_size, n_micro, len(moe_blocks), moe_rows, has_first, has_last)
+
+
+def train_step(rp: RankPipeline, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
+    """Forward and backward of one global batch [B, T] through the schedule. Returns the loss parts as the
+    1-process run logs them and every MoE layer's expert counts over the global batch (identical on all ranks)."""
+    rp.parts.clear()
+    for st in rp.stages:
+        st.counts, st.balance_sum = None, 0.0
+    rp.run(rp.schedule.step, rp.local(x), rp.local(y))
+    # losses: the last stage's CE and MTP CE, every stage's balance loss; each averaged over its stage's ranks and
+    # summed over stages (a sum over all ranks of the per-rank share)
+    local = torch.zeros(3, dtype=torch.float64)
+    if rp.parts:
+        local[0] = sum(float(a) for a, _ in rp.parts) / len(rp.parts)
+        local[1] = sum(float(b) for _, b in rp.parts) / len(rp.parts)
+    local[2] = sum(st.balance_sum for st in rp.stages) / rp.n_micro
+    reduced = distributed.all_reduce_sum((local / rp.stage_size).to(rp.device)).cpu().tolist()
+    counts = torch.zeros(rp.n_moe, rp.rank_model.config.n_routed_experts, dtype=torch.long)
+    for st, rows in zip(rp.stages, rp.moe_rows):  # each stage fills its own layers' rows
+        if st.counts is not None:
+            counts[rows] += st.counts.cpu()[: len(rows)]
+    counts = distributed.all_reduce_sum(counts.to(rp.device)).cpu()
+    return dict(zip(("loss", "mtp_loss", "balance_loss"), reduced)), list(counts)
+
+
+def update_bias(rp: RankPipeline, counts: list[torch.Tensor], gamma: float) -> None:
+    """The auxiliary-loss-free bias update of this rank's MoE layers from the global counts (train_step)."""
+    for st, rows in zip(rp.stages, rp.moe_rows):
+        balance.update_bias(st.moe_layers(), [counts[r] for r in rows], gamma)
+
+
+@torch.no_grad()
+def evaluate(rp: RankPipeline, val, batch_size: int, eval_batches: int) -> float:
+    """As pretrain.evaluate: mean validation CE over the first eval_batches batches, forward only through the
+    pipeline."""
+    rp.evaluating["on"] = True
+    for st in rp.stages:
+        st.eval()
+    total, n = 0.0, 0
+    try:
+        for i, (x, y) in enumerate(val.iter_sequential(batch_size)):
+            if i >= eval_batches:
+                break
+            real = torch.arange(batch_size) < x.shape[0]  # a short last batch is padded (fixed shapes)
+            pad = batch_size - x.shape[0]
+            x, y = (torch.cat([t, t[:1].expand(pad, -1)]) for t in (x, y))
+            x, y, real = rp.local(x), rp.local(y), rp.local(real)
+            out = rp.run(rp.schedule.eval, x, y)
+            if rp.has_last:  # the last stage's outputs, micro-batches merged back into this rank's batch
+                logits, _ = split_loss(out, y.shape[1])
+                total += F.cross_entropy(logits[real].flatten(0, 1).float(), y[real].flatten(),
+                                         reduction="sum").item()
+                n += y[real].numel()
+    finally:
+        rp.evaluating["on"] = False
+        for st in rp.stages:
+            st.train()
+    total, n = distributed.all_reduce_sum(torch.tensor([total, float(n)], dtype=torch.float64,
+                                                        device=rp.device)).tolist()
+    return total / max(1.0, n)

@@ -9,6 +9,16 @@ import types
 import typing
 
 
+# the help of fields several commands' configs share; a command's own `help` entry wins
+COMMON_HELP = {
+    "out": "run directory (checkpoints, metrics.jsonl, plots)",
+    "resume": "continue from the newest complete checkpoint in --out",
+    "task": "arithmetic | countdown | jsonl:PATH",
+    "difficulty": "task difficulty (the task's default when unset)",
+    "prefill_think": "end the prompt with <think> (R1's template)",
+}
+
+
 def _flag_type(hint):
     """int for `int`, `int | None` and `Optional[int]`; likewise float, str, bool."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -21,7 +31,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls, *, required=(), skip=(), h
     """One --flag per field of the dataclass `cls` (`micro_batch_size` -> `--micro-batch-size`), typed and
     defaulted from the field. A bool field becomes a switch. `config_from_args` reads them back."""
     hints = typing.get_type_hints(cls)
-    help, choices = help or {}, choices or {}
+    help, choices = {**COMMON_HELP, **(help or {})}, choices or {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue

@@ -32,7 +32,6 @@ GENERATE_HELP = {
     "alphabet": "characters allowed outside the tags (default: the task's)",
     "general": "JSONL of non-reasoning conversations to mix in",
     "general_frac": "their share of the output (R1: 0.25)",
-    "prefill_think": "end the prompt with <think> (R1's template)",
     "unfiltered": "keep every sample (ablation)",
     "all_out": "also write every sample, unfiltered, to this JSONL",
     "batch_prompts": "prompts per engine batch and per resume chunk",
@@ -40,13 +39,10 @@ GENERATE_HELP = {
 ONPOLICY_HELP = {
     "model": "the student's starting checkpoint",
     "teacher": "the frozen teacher (same tokenizer as the student)",
-    "task": "arithmetic | countdown | jsonl:PATH",
-    "out": "run directory (checkpoints, metrics.jsonl, plots)",
     "samples_per_prompt": "student samples per prompt",
     "kl": "exact: over the vocabulary; sampled: reverse-KL estimate from the sampled tokens",
     "beta": "generalized JSD: 0 forward KL, 1 reverse KL, between: JSD (TRL convention)",
     "lmbda": "share of steps sampled by the student; the rest by the teacher (GKD)",
-    "resume": "continue from the newest complete checkpoint in --out",
 }
 
 

@@ -12,8 +12,7 @@ from nanoseek.eval import EvalConfig, evaluate, plot_curve
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import load_tokenizer
 
-HELP = {"n": "number of held-out problems", "samples": "samples per problem (k)", "temperature": "0 = greedy",
-        "prefill_think": "end the prompt with <think> (R1's template)"}
+HELP = {"n": "number of held-out problems", "samples": "samples per problem (k)", "temperature": "0 = greedy"}
 
 
 def run(args) -> None:

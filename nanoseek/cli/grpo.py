@@ -7,9 +7,6 @@ from nanoseek.train.grpo import AGGREGATIONS, RATIOS, GRPOConfig, train
 
 HELP = {
     "model": "starting checkpoint (with tokenizer.json); also the reference policy",
-    "task": "arithmetic | countdown | jsonl:PATH",
-    "out": "run directory (checkpoints, metrics.jsonl, plots)",
-    "difficulty": "task difficulty (the task's default when unset)",
     "prompts_per_step": "P prompts per step",
     "group_size": "G samples per prompt",
     "ppo_epochs": "optimizer steps per rollout batch",
@@ -17,11 +14,9 @@ HELP = {
     "beta": "k3 KL weight (0: no reference model)",
     "ratio": "sequence = GSPO",
     "scale": "advantage scaling (none = Dr. GRPO)",
-    "prefill_think": "end the prompt with <think> (R1's template)",
     "drop_equal_groups": "DAPO dynamic sampling with refill",
     "mask_truncated": "no loss on completions cut at max_new_tokens",
     "overlong_cache": "DAPO soft overlong penalty over the last N tokens",
-    "resume": "continue from the newest complete checkpoint in --out",
 }
 
 

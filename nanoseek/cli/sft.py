@@ -8,11 +8,9 @@ from nanoseek.train.sft import SFTConfig, train
 HELP = {
     "model": "starting checkpoint (with tokenizer.json)",
     "data": 'JSONL: {"messages": [...]} or {"prompt", "completion"} per line',
-    "out": "run directory (checkpoints, metrics.jsonl, plots)",
     "steps": "default: enough for --epochs passes over the packed rows",
     "batch_size": "packed rows per step",
     "warmup": "default: 5%% of the steps",
-    "resume": "continue from the newest complete checkpoint in --out",
     "teacher": "logit distillation: a teacher checkpoint with the same tokenizer",
     "kd_weight": "loss = CE + W * divergence to the teacher on the same target tokens",
     "kd_beta": "the divergence: 0 forward KL(teacher || student), 1 reverse, between: JSD",

@@ -14,6 +14,7 @@ The absorbed path materialises fp32 scores [b, h, t, s] while SDPA streams them,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -134,12 +135,9 @@ class Engine:
                              "or build the Engine with a larger max_batch_size")
         for i, p in enumerate(prompts):
             self.check_request(p, params, speculative, what=f"prompt {i}")
-        reqs = []
-        for i, p in enumerate(prompts):
-            ps = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k,
-                                params.stop_token_ids, request_seed(params.seed, i))
-            reqs.append(Request(list(p), ps, speculative=speculative, return_logits=return_logits))
-        return self._stream(reqs)
+        return self._stream([Request(list(p), dataclasses.replace(params, seed=request_seed(params.seed, i)),
+                                     speculative=speculative, return_logits=return_logits)
+                             for i, p in enumerate(prompts)])
 
     def _stream(self, reqs: list[Request]) -> Iterator[TokenEvent]:
         if reqs[0].params.max_new_tokens == 0:

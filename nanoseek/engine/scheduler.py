@@ -166,18 +166,9 @@ class Scheduler:
                 self.prefilling[key] = req
 
     def _prefill(self, reqs: list[Request], finished: list[Request]) -> list[Event]:
-        """Give prefilling requests chunks of at most prefill_chunk tokens each, in arrival order, while the step's
-        budget lasts; the first always gets its chunk. Chunk boundaries depend only on the request itself (and the
-        engine's prefill_chunk), so its latents do not depend on what else runs."""
-        chunks = []
-        budget = self.prefill_budget if self.prefill_budget is not None else float("inf")
-        for r in reqs:
-            c = min(len(r.prompt) - r.n, self.prefill_chunk)
-            if chunks and c > budget:
-                break
-            chunks.append((r, c))
-            budget -= c
-        chunks.sort(key=lambda rc: rc[0].row)  # ascending rows: a slice of the cache when they are contiguous
+        """One prefill chunk for each request the step's budget admits; those whose prompt is then complete (and
+        their followers) sample their first token."""
+        chunks = self._chunks(reqs)
         want_all = [r.prompt_logprobs or r.speculative for r, _ in chunks]
         h_last, h_all = self.engine.prefill([r.row for r, _ in chunks], [r.n for r, _ in chunks],
                                             [r.prompt[r.n: r.n + c] for r, c in chunks], want_all)
@@ -193,16 +184,48 @@ class Scheduler:
                 last.append(h_last[j])
         if not done:
             return []
+        rows, logits = self._prefilled(done, self.engine.logits(torch.stack(last)))
+        for r in [r for r in rows if r.params.max_new_tokens == 0]:  # prompt logprobs only
+            self._finish(r, "length")
+            finished.append(r)
+        keep = [j for j, r in enumerate(rows) if r.params.max_new_tokens > 0]
+        if not keep:
+            return []
+        rows = [rows[j] for j in keep]
+        events = self._emit(rows, torch.stack([logits[j] for j in keep]), finished)
+        spec = [r for r in rows if r.speculative and not r.finished]
+        if spec:
+            from nanoseek.engine.speculative import mtp_prefill
+            drafts = mtp_prefill(self.engine, [r.row for r in spec], [r.prompt for r in spec],
+                                 [torch.cat(r.hidden) for r in spec], [r.pending for r in spec])
+            for r, d in zip(spec, drafts.tolist()):
+                r.draft, r.hidden = d, []
+        return events
+
+    def _chunks(self, reqs: list[Request]) -> list[tuple[Request, int]]:
+        """(request, tokens) chunks of at most prefill_chunk tokens each, in arrival order, while the step's budget
+        lasts; the first always gets its chunk. Chunk boundaries depend only on the request itself (and the
+        engine's prefill_chunk), so its latents do not depend on what else runs."""
+        chunks = []
+        budget = self.prefill_budget if self.prefill_budget is not None else float("inf")
+        for r in reqs:
+            c = min(len(r.prompt) - r.n, self.prefill_chunk)
+            if chunks and c > budget:
+                break
+            chunks.append((r, c))
+            budget -= c
+        return sorted(chunks, key=lambda rc: rc[0].row)  # ascending rows: a slice of the cache when contiguous
+
+    def _prefilled(self, done: list[Request], logits: torch.Tensor) -> tuple[list[Request], list[torch.Tensor]]:
+        """Requests whose prompt is now in the cache: stored in the prefix cache, no longer leaders, and their
+        followers given the leader's latents. Returns every such request with the logits it samples from."""
         pc = self.engine.prefix_cache
-        for r in done:
+        rows, expanded = [], []
+        for j, r in enumerate(done):
             if pc is not None and not r.speculative:
                 pc.store(r.row, r.prompt)
             if self.prefilling.get(tuple(r.prompt)) is r:
                 del self.prefilling[tuple(r.prompt)]
-        logits = self.engine.logits(torch.stack(last))
-        # followers take the leader's latents and logits
-        rows, expanded = [], []
-        for j, r in enumerate(done):
             rows.append(r)
             expanded.append(logits[j])
             for f in r.followers:
@@ -212,23 +235,7 @@ class Scheduler:
                 rows.append(f)
                 expanded.append(logits[j])
             r.followers = []
-        no_tokens = [r for r in rows if r.params.max_new_tokens == 0]  # prompt logprobs only
-        for r in no_tokens:
-            self._finish(r, "length")
-            finished.append(r)
-        keep = [j for j, r in enumerate(rows) if r.params.max_new_tokens > 0]
-        if not keep:
-            return []
-        rows = [rows[j] for j in keep]
-        events = self._emit(rows, torch.stack([expanded[j] for j in keep]), finished)
-        spec = [r for r in rows if r.speculative and not r.finished]
-        if spec:
-            from nanoseek.engine.speculative import mtp_prefill
-            drafts = mtp_prefill(self.engine, [r.row for r in spec], [r.prompt for r in spec],
-                                 [torch.cat(r.hidden) for r in spec], [r.pending for r in spec])
-            for r, d in zip(spec, drafts.tolist()):
-                r.draft, r.hidden = d, []
-        return events
+        return rows, expanded
 
     def _prompt_logprobs(self, r: Request, h: torch.Tensor, c: int) -> None:
         """Log-probabilities of prompt tokens n+1 .. n+c (those this chunk's positions predict), with the top ones."""

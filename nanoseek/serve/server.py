@@ -9,29 +9,17 @@ import socket
 import threading
 import time
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def load_app(model_dir: str, max_batch_size: int = 8, max_seq_len: int = 4096, kv_cache_dtype: str | None = None,
              max_queue: int = 256, api_key: str | None = None, dtype: str = "float32",
              served_model_name: str | None = None, prefix_cache_tokens: int | None = None,
              prefill_chunk: int = 512, prefill_budget: int = 2048):
     """(FastAPI app, engine) for a checkpoint directory that holds a tokenizer."""
+    from nanoseek.chat import load_model
     from nanoseek.engine import Engine
-    from nanoseek.model.transformer import Transformer
     from nanoseek.serve.app import create_app
-    from nanoseek.tokenizer import load_tokenizer
 
-    if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
-        raise ValueError(f"{model_dir} has no tokenizer.json: serve needs the checkpoint's tokenizer "
-                         "(training runs copy it into every checkpoint)")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    tok = load_tokenizer(model_dir)
-    model = Transformer.from_pretrained(model_dir, dtype=DTYPES[dtype])
-    max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
+    model, tok, max_seq_len = load_model(model_dir, max_seq_len, dtype, "serve")
     if prefix_cache_tokens is None:  # the server caches prefixes by default: 4 full-length requests' worth
         prefix_cache_tokens = 4 * max_seq_len
     # chunked prefill: a long prompt joins in pieces, so the rows already decoding are never stalled for long

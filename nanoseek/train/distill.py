@@ -228,10 +228,85 @@ def _append(path: str, rows: list[dict]) -> None:
 
 
 def _general_rows(path: str, n: int, seed: int) -> list[dict]:
-
     convs = load_conversations(path)
     order = random.Random(f"general|{seed}").sample(range(len(convs)), len(convs))
     return [{"messages": convs[i], "task": "general", "general_index": i} for i in order[:n]]
+
+
+def _resume_state(gc: GenerateConfig, task, progress_path: str) -> dict:
+    """The progress of an earlier run with the same arguments (to continue), or a fresh one."""
+    fp = _fingerprint(gc, task)
+    if not os.path.exists(progress_path):
+        if os.path.exists(gc.out):
+            raise ValueError(f"{gc.out} exists but has no {os.path.basename(progress_path)}: it was not written by "
+                             "`nanoseek distill generate`; pick another --out or delete it")
+        return {"fingerprint": fp, "prompts_done": 0, "lines": 0, "all_lines": 0, "general_done": False,
+                "counts": {"sampled": 0, **{f: 0 for f in FILTERS}}, "generated_tokens": 0, "kept_tokens": 0}
+    with open(progress_path) as f:
+        state = json.load(f)
+    if state["fingerprint"] != fp:
+        changed = sorted(k for k in fp if state["fingerprint"].get(k) != fp[k])
+        raise ValueError(f"{gc.out} was generated with other arguments ({', '.join(changed)} differ); rerun "
+                         "with the same ones to continue, or pick another --out")
+    if state["general_done"] and gc.num_prompts > state["prompts_done"]:
+        raise ValueError(f"{gc.out} is complete (general samples already appended after "
+                         f"{state['prompts_done']} prompts); write more prompts to another --out")
+    return state
+
+
+def _sample_chunk(teacher, tokenizer, task, gc: GenerateConfig, chunk: list, start: int, seen: set,
+                  state: dict) -> tuple[list[dict], list[dict]]:
+    """K samples for each prompt of one chunk (one engine batch), judged in FILTERS order: (kept rows, every
+    row). The yield counts and token totals accumulate in `state`, kept (prompt, completion) pairs in `seen`."""
+    K, eos, counts = gc.num_generations, tokenizer.eos_id, state["counts"]
+    prompts = [prompt_ids(tokenizer, ex.prompt, gc.prefill_think) for ex in chunk for _ in range(K)]
+    params = SamplingParams(gc.max_new_tokens, temperature=gc.temperature, top_p=gc.top_p, stop_token_ids=(eos,),
+                            seed=(gc.seed * 1_000_003 + start) % 2**62)
+    completions = generate_batched(teacher, prompts, params, batch_size=len(prompts))
+    alphabet = task_alphabet(task, gc.alphabet)
+    kept, everything = [], []
+    for p, ex in enumerate(chunk):
+        n_kept = 0
+        for j, toks in enumerate(completions[p * K: (p + 1) * K]):
+            text = completion_text(tokenizer, toks)
+            content = (rewards.THINK_OPEN + text if gc.prefill_think else text).strip()
+            counts["sampled"] += 1
+            state["generated_tokens"] += len(toks)
+            row = {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                                {"role": "user", "content": ex.prompt},
+                                {"role": "assistant", "content": content}],
+                   "task": task.name, "answer": str(ex.answer), "teacher": gc.teacher,
+                   "prompt_index": start + p, "sample_index": j}
+            everything.append(row)
+            reason = None
+            if not gc.unfiltered:
+                reason = reject_reason(text, len(toks), bool(toks) and toks[-1] == eos, ex, task,
+                                       prefill_think=gc.prefill_think, max_tokens=gc.max_trace_tokens,
+                                       alphabet=alphabet)
+                if reason is None and (ex.prompt, content) in seen:
+                    reason = "duplicate"
+                if reason is None and gc.max_per_prompt is not None and n_kept >= gc.max_per_prompt:
+                    reason = "per_prompt"
+            if reason is not None:
+                counts[reason] += 1
+                continue
+            seen.add((ex.prompt, content))
+            n_kept += 1
+            kept.append(row)
+            state["kept_tokens"] += len(toks)
+    return kept, everything
+
+
+def _nothing_survived(gc: GenerateConfig, progress_path: str, table: list[dict]) -> ValueError:
+    """Remove the (empty) output and its progress file; the error that says which filter emptied the run."""
+    for path in (gc.out, progress_path):
+        if os.path.exists(path):
+            os.remove(path)
+    last = next((r["filter"] for r in table[1:] if r["remaining"] == 0), "?")
+    steps = ", ".join(f"{r['filter']} {r['remaining']}" for r in table)
+    return ValueError(f"no trace survived the filters: the {last!r} filter dropped every remaining sample "
+                      f"(yield: {steps}). Use a stronger --teacher, more --num-generations or --max-new-tokens, "
+                      "or loosen that filter; nothing was written")
 
 
 def generate_traces(gc: GenerateConfig, task=None, progress: bool = True) -> dict:
@@ -242,25 +317,8 @@ def generate_traces(gc: GenerateConfig, task=None, progress: bool = True) -> dic
     gc.validate()
     task = task if task is not None else tasks.get(gc.task, difficulty=gc.difficulty)
     tokenizer = load_tokenizer(gc.teacher)
-    eos = tokenizer.eos_id
     progress_path = gc.out + ".progress.json"
-    fp = _fingerprint(gc, task)
-    state = {"fingerprint": fp, "prompts_done": 0, "lines": 0, "all_lines": 0, "general_done": False,
-             "counts": {"sampled": 0, **{f: 0 for f in FILTERS}}, "generated_tokens": 0, "kept_tokens": 0}
-    if os.path.exists(progress_path):
-        with open(progress_path) as f:
-            old = json.load(f)
-        if old["fingerprint"] != fp:
-            changed = sorted(k for k in fp if old["fingerprint"].get(k) != fp[k])
-            raise ValueError(f"{gc.out} was generated with other arguments ({', '.join(changed)} differ); rerun "
-                             "with the same ones to continue, or pick another --out")
-        state = old
-        if state["general_done"] and gc.num_prompts > state["prompts_done"]:
-            raise ValueError(f"{gc.out} is complete (general samples already appended after "
-                             f"{state['prompts_done']} prompts); write more prompts to another --out")
-    elif os.path.exists(gc.out):
-        raise ValueError(f"{gc.out} exists but has no {os.path.basename(progress_path)}: it was not written by "
-                         "`nanoseek distill generate`; pick another --out or delete it")
+    state = _resume_state(gc, task, progress_path)
     lines = _keep_lines(gc.out, state["lines"])
     if gc.all_out:
         _keep_lines(gc.all_out, state["all_lines"])
@@ -272,54 +330,13 @@ def generate_traces(gc: GenerateConfig, task=None, progress: bool = True) -> dic
 
     teacher = Transformer.from_pretrained(gc.teacher, dtype=torch.float32).eval()
     examples = task.sample(gc.num_prompts, split="train", seed=gc.seed)
-    alphabet = task_alphabet(task, gc.alphabet)
-    K = gc.num_generations
-    counts = state["counts"]
     bar = tqdm(total=gc.num_prompts, initial=state["prompts_done"], desc="distill generate", dynamic_ncols=True,
                disable=not progress)
     t0 = time.perf_counter()
     try:
         for start in range(state["prompts_done"], gc.num_prompts, gc.batch_prompts):
             chunk = examples[start: start + gc.batch_prompts]
-            prompts = [prompt_ids(tokenizer, ex.prompt, gc.prefill_think) for ex in chunk for _ in range(K)]
-            seed = (gc.seed * 1_000_003 + start) % 2**62
-            params = SamplingParams(gc.max_new_tokens, temperature=gc.temperature, top_p=gc.top_p,
-                                    stop_token_ids=(eos,), seed=seed)
-            completions = generate_batched(teacher, prompts, params, batch_size=len(prompts))
-            kept, everything = [], []
-            for p, ex in enumerate(chunk):
-                idx = start + p
-                n_kept = 0
-                for j in range(K):
-                    toks = completions[p * K + j]
-                    text = completion_text(tokenizer, toks)
-                    content = (rewards.THINK_OPEN + text if gc.prefill_think else text).strip()
-                    counts["sampled"] += 1
-                    state["generated_tokens"] += len(toks)
-                    row = {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                                        {"role": "user", "content": ex.prompt},
-                                        {"role": "assistant", "content": content}],
-                           "task": task.name, "answer": str(ex.answer), "teacher": gc.teacher,
-                           "prompt_index": idx, "sample_index": j}
-                    everything.append(row)
-                    if gc.unfiltered:
-                        kept.append(row)
-                        state["kept_tokens"] += len(toks)
-                        continue
-                    reason = reject_reason(text, len(toks), bool(toks) and toks[-1] == eos, ex, task,
-                                           prefill_think=gc.prefill_think, max_tokens=gc.max_trace_tokens,
-                                           alphabet=alphabet)
-                    if reason is None and (ex.prompt, content) in seen:
-                        reason = "duplicate"
-                    if reason is None and gc.max_per_prompt is not None and n_kept >= gc.max_per_prompt:
-                        reason = "per_prompt"
-                    if reason is not None:
-                        counts[reason] += 1
-                        continue
-                    seen.add((ex.prompt, content))
-                    n_kept += 1
-                    kept.append(row)
-                    state["kept_tokens"] += len(toks)
+            kept, everything = _sample_chunk(teacher, tokenizer, task, gc, chunk, start, seen, state)
             _append(gc.out, kept)
             if gc.all_out:
                 _append(gc.all_out, everything)
@@ -330,28 +347,18 @@ def generate_traces(gc: GenerateConfig, task=None, progress: bool = True) -> dic
             bar.update(len(chunk))
     finally:
         bar.close()
-    table = yield_table(counts)
+    table = yield_table(state["counts"])
     reasoning = table[-1]["remaining"]
     if reasoning == 0:
-        for path in (gc.out, progress_path):
-            if os.path.exists(path):
-                os.remove(path)
-        last = next((r["filter"] for r in table[1:] if r["remaining"] == 0), "?")
-        steps = ", ".join(f"{r['filter']} {r['remaining']}" for r in table)
-        raise ValueError(f"no trace survived the filters: the {last!r} filter dropped every remaining sample "
-                         f"(yield: {steps}). Use a stronger "
-                         "--teacher, more --num-generations or --max-new-tokens, or loosen that filter; "
-                         "nothing was written")
-    n_general = 0
+        raise _nothing_survived(gc, progress_path, table)
     if gc.general_frac > 0 and not state["general_done"]:
-        n_general = round(reasoning * gc.general_frac / (1 - gc.general_frac))
-        rows = _general_rows(gc.general, n_general, gc.seed)
+        rows = _general_rows(gc.general, round(reasoning * gc.general_frac / (1 - gc.general_frac)), gc.seed)
         _append(gc.out, rows)
         state["lines"] += len(rows)
         state["general_done"], state["general"] = True, len(rows)
         atomic_write_text(progress_path, json.dumps(state) + "\n")
-    return {"out": gc.out, "prompts": state["prompts_done"], "sampled": counts["sampled"], "kept": reasoning,
-            "general": state.get("general", 0), "lines": state["lines"], "yield": table,
+    return {"out": gc.out, "prompts": state["prompts_done"], "sampled": state["counts"]["sampled"],
+            "kept": reasoning, "general": state.get("general", 0), "lines": state["lines"], "yield": table,
             "generated_tokens": state["generated_tokens"], "kept_tokens": state["kept_tokens"],
             "seconds": time.perf_counter() - t0}
 
@@ -443,9 +450,7 @@ def train_onpolicy(oc: OnPolicyConfig, progress: bool = True, task=None, plot: b
     try:
         run.start(oc.resume)
         for step in run:
-            step_lr = lr_at(step, oc.steps, oc.lr, oc.warmup, "cosine", oc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
+            step_lr = run.set_lr(lr_at(step, oc.steps, oc.lr, oc.warmup, "cosine", oc.min_lr_ratio))
             on_policy = oc.lmbda >= 1.0 or random.Random(f"gkd|{oc.seed}|{step}").random() < oc.lmbda
             t0 = time.perf_counter()
             ro = grpo.rollout((model if on_policy else teacher).eval(), tokenizer, task, rc, step)
@@ -462,10 +467,7 @@ def train_onpolicy(oc: OnPolicyConfig, progress: bool = True, task=None, plot: b
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + v * n / n_tok
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip))
-            applied = run.guard.check(step, loss_sum, grad_norm)
-            if applied:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            applied = run.update(step, loss_sum, grad_norm)
             tokens = sum(len(p) + len(c) for p, c in zip(ro.prompts, ro.completions))
             rec = {"step": step, "lr": step_lr, "loss": loss_sum, **sums, "grad_norm": grad_norm,
                    "on_policy": int(on_policy), "accuracy": ro.stats["accuracy"],

@@ -279,9 +279,7 @@ def train(tc: GRPOConfig, progress: bool = True, task=None, plot: bool = False) 
     try:
         run.start(tc.resume)
         for step in run:
-            step_lr = lr_at(step, tc.steps, tc.lr, tc.warmup, "cosine", tc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
+            step_lr = run.set_lr(lr_at(step, tc.steps, tc.lr, tc.warmup, "cosine", tc.min_lr_ratio))
             t0 = time.perf_counter()
             ro = rollout(model.eval(), tokenizer, task, tc, step)
             t1 = time.perf_counter()

@@ -96,7 +96,6 @@ def _check_inputs(logp, old_logp, advantages, mask, eps_low, eps_high, beta, ref
         raise ValueError(f"clip ranges must be non-negative, got eps_low={eps_low}, eps_high={eps_high}")
 
 
-
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, max_len: int | None = None):
     """Reduce per-token losses [B, T] over the batch (m = mask, |o_i| = sum_t m_it):
         "grpo":    (1/B) sum_i (1/|o_i|) sum_t m_it l_it      (mean over tokens, then over sequences)

@@ -125,7 +125,7 @@ class Run:
         run = Run(out, steps, "sft", model, optimizer, save_every=..., keep=..., tokenizer_dir=...)
         state = run.start(resume)            # {} for a fresh run, else the resumed checkpoint's trainer state
         for step in run:                     # start + 1 .. steps, the bar advancing
-            ...; applied = run.guard.check(step, loss, grad_norm)
+            run.set_lr(...); ...; applied = run.update(step, loss, grad_norm)
             run.log(rec, loss=rec["loss"])   # metrics.jsonl and the bar's postfix
             run.save(step, tokens_seen=...)  # a checkpoint every save_every steps and at the end
         run.close()                          # also when the loop raised (the bar and the log are closed)
@@ -175,6 +175,21 @@ class Run:
             self.log_file.write(record)
         self.last = record
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()})
+
+    def set_lr(self, lr: float) -> float:
+        """This step's learning rate into every parameter group; returns it."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def update(self, step: int, loss: float, grad_norm: float) -> bool:
+        """The optimizer step unless the guard skips it (non-finite loss or gradient norm), then the gradients
+        cleared either way; True if the step was applied."""
+        applied = self.guard.check(step, loss, grad_norm)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied
 
     def save(self, step: int, **state) -> None:
         """Checkpoint when `step` is due (every save_every steps, and the last); `state` joins trainer_state."""

@@ -146,25 +146,63 @@ def train(tc: TrainConfig, progress: bool = True, plot: bool = False) -> dict:
     return summary
 
 
-def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
+def _setup(tc: TrainConfig) -> tuple[ModelConfig, FP8Recipe | None]:
+    """The model config (vocab_size from the data) and FP8 recipe both layouts start from; seeds torch."""
     if not tc.data:
         raise ValueError("--data is required: a directory made by `nanoseek data prepare`")
     manifest = load_manifest(tc.data)
+    recipe = FP8Recipe.parse(tc.fp8)
+    torch.manual_seed(tc.seed)
+    return tc.model_config(manifest["vocab_size"]), recipe
+
+
+def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
+    cfg, recipe = _setup(tc)
     micro = tc.micro_batch_size or tc.batch_size
     if tc.batch_size % micro:
         raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --micro-batch-size {micro}")
-    world, rank = (info.world_size, info.rank) if info else (1, 0)
+    world = info.world_size if info else 1
     if micro % world:
         raise ValueError(f"the micro-batch ({micro} sequences) must split evenly over {world} processes: "
                          "change --batch-size / --micro-batch-size or the number of processes")
-    recipe = FP8Recipe.parse(tc.fp8)
-    torch.manual_seed(tc.seed)
-    cfg = tc.model_config(manifest["vocab_size"])
     # built on the meta device, sharded, then each rank materialises and initialises only its shards: the
     # weights depend on the seed alone, not on the number of processes or --ep
     model = distributed.build_model(cfg, tc.seed, info.device if info else torch.device("cpu"), info, tc.ep,
                                     convert=(lambda m: convert_to_fp8(m, recipe)) if recipe else None)
     model.set_recompute(tc.recompute)
+    moe = routed_moe_layers(model, tc)
+
+    def step(data):
+        parts_sum, grad_norm, counts = forward_backward(model, data, tc, info, moe)
+        return parts_sum, grad_norm, counts, lambda: balance.update_bias(moe, counts, tc.bias_gamma)
+
+    return _run(tc, progress, info, plot, model, cfg, step, lambda val: evaluate(model, val, tc, info))
+
+
+def _train_pipeline(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
+    """The training loop with --pp stages (nanoseek/pipeline.py): the same objective, batches and updates as
+    _train; each step's micro-batches run through the pipeline schedule."""
+    from nanoseek import pipeline
+
+    cfg, recipe = _setup(tc)
+    if tc.micro_batch_size not in (None, tc.batch_size):
+        raise ValueError("with --pp the pipeline makes the micro-batches: leave --micro-batch-size unset "
+                         "(see --pp-microbatches)")
+    rp = pipeline.build_rank_pipeline(tc, cfg, info, recipe)
+
+    def step(data):
+        parts_sum, counts = pipeline.train_step(rp, *data.batch(tc.batch_size))
+        grad_norm = float(distributed.clip_grad_norm_(rp.rank_model, tc.grad_clip))
+        return parts_sum, grad_norm, counts, lambda: pipeline.update_bias(rp, counts, tc.bias_gamma)
+
+    return _run(tc, progress, info, plot, rp.rank_model, cfg, step,
+                lambda val: pipeline.evaluate(rp, val, tc.batch_size, tc.eval_batches))
+
+
+def _run(tc: TrainConfig, progress: bool, info, plot: bool, model, cfg: ModelConfig, step_fn, evaluate_fn) -> dict:
+    """The step loop both layouts share: the learning-rate schedule, one step's gradients (`step_fn(data)` ->
+    loss parts, gradient norm, expert counts, and the bias update that goes with the optimizer step), the
+    non-finite guard, the metrics line (validation through `evaluate_fn(val)` on eval steps) and checkpoints."""
     lr = tc.lr if tc.lr is not None else DEFAULT_LR.get(tc.preset, 2.2e-4)
     warmup = tc.warmup if tc.warmup is not None else min(100, tc.steps // 10)
     optimizer = make_optimizer(model, lr, tc.weight_decay)
@@ -174,7 +212,7 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
     tokenizer_dir = os.path.join(tc.data, "tokenizer")
     run = Run(tc.out, tc.steps, "pretrain", model, optimizer, save_every=tc.save_every, keep=tc.keep,
               max_bad_steps=tc.max_bad_steps, tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
-              progress=progress, is_main=rank == 0, plot=plot_run)
+              progress=progress, is_main=info is None or info.rank == 0, plot=plot_run)
     if info is not None:  # each rank writes its own shards (torch.distributed.checkpoint)
         config_json = json.dumps(cfg.to_dict(), indent=2) + "\n"
         run.save_fn = lambda step, state: sharded.save_sharded(tc.out, step, model, optimizer, state, config_json,
@@ -185,39 +223,27 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
         if state:
             data.load_state_dict(state["data"])
         tokens_seen = state.get("tokens_seen", 0)
-        moe = routed_moe_layers(model, tc)
         for step in run:
             t0 = time.perf_counter()
-            step_lr = lr_at(step, tc.steps, lr, warmup, tc.schedule, tc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
-            parts_sum, grad_norm, counts = forward_backward(model, data, tc, info, moe)
-            applied = run.guard.check(step, parts_sum["loss"], grad_norm)
+            step_lr = run.set_lr(lr_at(step, tc.steps, lr, warmup, tc.schedule, tc.min_lr_ratio))
+            parts_sum, grad_norm, counts, update_bias = step_fn(data)
+            applied = run.update(step, parts_sum["loss"], grad_norm)
             if applied:
-                optimizer.step()
-                balance.update_bias(moe, counts, tc.bias_gamma)
-            optimizer.zero_grad(set_to_none=True)
+                update_bias()
             tokens_seen += tc.batch_size * tc.seq_len
-            _log_and_save(run, tc, step, parts_sum, step_lr, grad_norm, tokens_seen, t0, counts, applied, data,
-                          world, (lambda: evaluate(model, val, tc, info)) if val is not None else None)
+            rec = {"step": step, **parts_sum, "lr": step_lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                   "tokens_per_s": tc.batch_size * tc.seq_len / (time.perf_counter() - t0),
+                   "skipped_steps": run.guard.skipped, **balance.load_stats(counts)}
+            if not applied:
+                rec["skipped"] = True
+            if val is not None and (step % tc.eval_every == 0 or step == tc.steps):
+                rec["val_loss"] = evaluate_fn(val)
+            run.log(rec, loss=parts_sum["loss"], tok_s=rec["tokens_per_s"])
+            run.save(step, train_config=dataclasses.asdict(tc), data=data.state_dict(), tokens_seen=tokens_seen,
+                     world_size=info.world_size if info else 1)
     finally:
         run.close()
     return run.summary(plot, final_loss=run.last.get("loss"), val_loss=run.last.get("val_loss"), tokens=tokens_seen)
-
-
-def _log_and_save(run: Run, tc: TrainConfig, step: int, parts_sum: dict, step_lr: float, grad_norm: float,
-                  tokens_seen: int, t0: float, counts: list, applied: bool, data, world: int, validate) -> None:
-    """The step's metrics line (validation loss on eval steps, through `validate`), then the save cadence."""
-    rec = {"step": step, **parts_sum, "lr": step_lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-           "tokens_per_s": tc.batch_size * tc.seq_len / (time.perf_counter() - t0),
-           "skipped_steps": run.guard.skipped, **balance.load_stats(counts)}
-    if not applied:
-        rec["skipped"] = True
-    if validate is not None and (step % tc.eval_every == 0 or step == tc.steps):
-        rec["val_loss"] = validate()
-    run.log(rec, loss=parts_sum["loss"], tok_s=rec["tokens_per_s"])
-    run.save(step, train_config=dataclasses.asdict(tc), data=data.state_dict(), tokens_seen=tokens_seen,
-             world_size=world)
 
 
 def forward_backward(model, data, tc: TrainConfig, info, moe: list) -> tuple[dict, float, list[torch.Tensor]]:
@@ -258,158 +284,3 @@ def _load(path, model, optimizer, info) -> dict:
     if info is None:
         return load_checkpoint(path, model, optimizer)
     return sharded.load_pretrained_slices(path, model, optimizer)
-
-
-def _train_pipeline(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
-    """The training loop with --pp stages (nanoseek/pipeline.py): the same objective, batches and updates as
-    _train; each step's micro-batches run through the pipeline schedule."""
-    from nanoseek import pipeline
-
-    if not tc.data:
-        raise ValueError("--data is required: a directory made by `nanoseek data prepare`")
-    if tc.micro_batch_size not in (None, tc.batch_size):
-        raise ValueError("with --pp the pipeline makes the micro-batches: leave --micro-batch-size unset "
-                         "(see --pp-microbatches)")
-    manifest = load_manifest(tc.data)
-    world, rank = info.world_size, info.rank
-    mesh, stage_mesh = distributed.make_pipeline_mesh(info, tc.pp, tc.ep)
-    stage_size, pp_rank = world // tc.pp, rank // (world // tc.pp)
-    n_micro = tc.pp_microbatches or 2 * tc.pp
-    if tc.batch_size % stage_size or (tc.batch_size // stage_size) % n_micro:
-        raise ValueError(f"--batch-size {tc.batch_size} must split into {stage_size} ranks per stage x {n_micro} "
-                         "pipeline micro-batches")
-    recipe = FP8Recipe.parse(tc.fp8)
-    torch.manual_seed(tc.seed)
-    cfg = tc.model_config(manifest["vocab_size"])
-    use_mtp = tc.mtp_lambda > 0 and cfg.num_nextn_predict_layers > 0
-    if use_mtp and tc.pp_schedule == "dualpipev":  # its split input / weight backward loses part of the MTP
-        # embedding's gradient (tested: 1e-3 off the 1-process gradient norm; exact without MTP)
-        raise ValueError("--pp-schedule dualpipev with MTP is not supported yet: use --mtp-lambda 0, or 1f1b / "
-                         "interleaved")
-    num_stages, layout, blocks = pipeline.stage_layout(cfg, tc.pp_schedule, tc.pp, pp_rank)
-    has_first, has_last = any(f for _, _, f, _ in layout), any(la for _, _, _, la in layout)
-    with torch.device("meta"):
-        rank_model = pipeline.RankModel(cfg, blocks, has_first, has_last)
-        stages = [pipeline.Stage(rank_model, b, f, la, use_mtp, tc.balance_alpha) for _, b, f, la in layout]
-    if recipe:
-        convert_to_fp8(rank_model, recipe)
-    distributed.parallelize_pipeline(rank_model, stages, mesh, stage_mesh, tc.ep)
-    rank_model.to_empty(device=info.device)
-    rank_model.init_weights(tc.seed)  # the same values as the whole model's parameters of these names
-    rank_model.set_recompute(tc.recompute)
-    rank_model.train()
-    for st in stages:
-        st.train()
-    from torch.distributed.pipelining import PipelineStage
-
-    pp_group = mesh["pp"].get_group()
-    mb = tc.batch_size // stage_size // n_micro
-    pipe_stages = []
-    for st, (s, _, first, last) in zip(stages, layout):
-        inputs, outputs = pipeline.stage_io(cfg, first, last, use_mtp, mb, tc.seq_len)
-        pipe_stages.append(PipelineStage(st, s, num_stages, info.device, input_args=inputs, output_args=outputs,
-                                         group=pp_group))
-    parts: list = []
-    evaluating = {"on": False}
-    schedule = pipeline.make_schedule(tc.pp_schedule, pipe_stages, n_micro,
-                                      pipeline.loss_fn_for(tc.mtp_lambda, parts, evaluating))
-    if tc.eval_every and tc.pp_schedule == "dualpipev":  # torch's DualPipeV runs no forward-only step
-        raise ValueError("--pp-schedule dualpipev cannot evaluate yet: set --eval-every 0, or use 1f1b / interleaved")
-    if tc.eval_every and not hasattr(schedule, "eval"):
-        raise ValueError(f"evaluation with --pp needs the pipeline schedules' eval() (torch >= 2.7; this is "
-                         f"{torch.__version__}): set --eval-every 0")
-    lr = tc.lr if tc.lr is not None else DEFAULT_LR.get(tc.preset, 2.2e-4)
-    warmup = tc.warmup if tc.warmup is not None else min(100, tc.steps // 10)
-    optimizer = make_optimizer(rank_model, lr, tc.weight_decay)
-    data = TokenDataset(tc.data, "train", tc.seq_len, seed=tc.seed)
-    val = TokenDataset(tc.data, "val", tc.seq_len) if tc.eval_every else None
-
-    @torch.no_grad()
-    def evaluate_pipeline() -> float:
-        """As evaluate(): mean validation CE over the first eval_batches batches, forward only through the
-        pipeline."""
-        evaluating["on"] = True
-        for st in stages:
-            st.eval()
-        total, n = 0.0, 0
-        try:
-            for i, (x, y) in enumerate(val.iter_sequential(tc.batch_size)):
-                if i >= tc.eval_batches:
-                    break
-                real = torch.arange(tc.batch_size) < x.shape[0]  # a short last batch is padded (fixed shapes)
-                pad = tc.batch_size - x.shape[0]
-                x, y = (torch.cat([t, t[:1].expand(pad, -1)]) for t in (x, y))
-                x, y, real = (t.tensor_split(stage_size)[rank % stage_size].to(info.device) for t in (x, y, real))
-                out = schedule.eval(*((x,) if has_first else ()), target=y if has_last else None)
-                if has_last:  # the last stage's outputs, micro-batches merged back into this rank's batch
-                    logits, _ = pipeline.split_loss(out, y.shape[1])
-                    total += F.cross_entropy(logits[real].flatten(0, 1).float(), y[real].flatten(),
-                                             reduction="sum").item()
-                    n += y[real].numel()
-        finally:
-            evaluating["on"] = False
-            for st in stages:
-                st.train()
-        total, n = distributed.all_reduce_sum(torch.tensor([total, float(n)], dtype=torch.float64,
-                                                            device=info.device)).tolist()
-        return total / max(1.0, n)
-
-    tokenizer_dir = os.path.join(tc.data, "tokenizer")
-    run = Run(tc.out, tc.steps, "pretrain", rank_model, optimizer, save_every=tc.save_every, keep=tc.keep,
-              max_bad_steps=tc.max_bad_steps, tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
-              progress=progress, is_main=rank == 0, plot=plot_run)
-    config_json = json.dumps(cfg.to_dict(), indent=2) + "\n"
-    run.save_fn = lambda step, state: sharded.save_sharded(tc.out, step, rank_model, optimizer, state, config_json,
-                                                           run.tokenizer_dir, tc.keep)
-
-    run.load_fn = lambda path: (sharded.load_sharded if sharded.is_sharded_checkpoint(path)
-                                else sharded.load_pretrained_slices)(path, rank_model, optimizer)
-    # every MoE layer's row in the global counts (layers, then MTP when trained): each stage fills its own rows
-    moe_blocks = [i for i in range(cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if use_mtp else 0))
-                  if cfg.is_moe_layer(i)]
-    try:
-        state = run.start(tc.resume)
-        if state:
-            data.load_state_dict(state["data"])
-        tokens_seen = state.get("tokens_seen", 0)
-        for step in run:
-            t0 = time.perf_counter()
-            step_lr = lr_at(step, tc.steps, lr, warmup, tc.schedule, tc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
-            parts.clear()
-            for st in stages:
-                st.counts, st.balance_sum = None, 0.0
-            x, y = data.batch(tc.batch_size)
-            x, y = (t.tensor_split(stage_size)[rank % stage_size].to(info.device) for t in (x, y))
-            schedule.step(*((x,) if has_first else ()), target=y if has_last else None)
-            # losses: the last stage's CE and MTP CE, every stage's balance loss; each averaged over its stage's
-            # ranks and summed over stages (a sum over all ranks of the per-rank share)
-            local = torch.zeros(3, dtype=torch.float64)
-            if parts:
-                local[0] = sum(float(a) for a, _ in parts) / len(parts)
-                local[1] = sum(float(b) for _, b in parts) / len(parts)
-            local[2] = sum(st.balance_sum for st in stages) / n_micro
-            reduced = distributed.all_reduce_sum((local / stage_size).to(info.device)).cpu().tolist()
-            parts_sum = dict(zip(("loss", "mtp_loss", "balance_loss"), reduced))
-            counts_all = torch.zeros(len(moe_blocks), cfg.n_routed_experts, dtype=torch.long)
-            for st, (_, b, _, _) in zip(stages, layout):
-                rows = [moe_blocks.index(i) for i in b if i in moe_blocks]
-                if st.counts is not None:
-                    counts_all[rows] += st.counts.cpu()[: len(rows)]
-            counts_all = distributed.all_reduce_sum(counts_all.to(info.device)).cpu()
-            grad_norm = float(distributed.clip_grad_norm_(rank_model, tc.grad_clip))
-            applied = run.guard.check(step, parts_sum["loss"], grad_norm)
-            if applied:
-                optimizer.step()
-                for st, (_, b, _, _) in zip(stages, layout):
-                    rows = [moe_blocks.index(i) for i in b if i in moe_blocks]
-                    balance.update_bias(st.moe_layers(), [counts_all[r] for r in rows], tc.bias_gamma)
-            optimizer.zero_grad(set_to_none=True)
-            tokens_seen += tc.batch_size * tc.seq_len
-            counts = list(counts_all)
-            _log_and_save(run, tc, step, parts_sum, step_lr, grad_norm, tokens_seen, t0, counts, applied, data,
-                          world, evaluate_pipeline if val is not None else None)
-    finally:
-        run.close()
-    return run.summary(plot, final_loss=run.last.get("loss"), val_loss=run.last.get("val_loss"), tokens=tokens_seen)

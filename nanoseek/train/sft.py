@@ -210,19 +210,14 @@ def train(tc: SFTConfig, progress: bool = True, plot: bool = False) -> dict:
         tokens_seen = run.start(tc.resume).get("tokens_seen", 0)
         for step in run:
             t0 = time.perf_counter()
-            step_lr = lr_at(step, steps, tc.lr, warmup, "cosine", tc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
+            step_lr = run.set_lr(lr_at(step, steps, tc.lr, warmup, "cosine", tc.min_lr_ratio))
             idx = batch_indices(step, tc.batch_size, n_rows, tc.seed)
             kd_stats: dict = {}
             loss, n = sft_loss(model, rows.ids[idx], rows.target[idx], rows.positions[idx], rows.doc[idx],
                                teacher, tc.kd_weight, tc.kd_beta, kd_stats)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            applied = run.guard.check(step, loss.item(), grad_norm)
-            if applied:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            applied = run.update(step, loss.item(), grad_norm)
             real = int((rows.doc[idx] >= 0).sum())
             tokens_seen += real
             rec = {"step": step, "loss": loss.item(), "lr": step_lr, "grad_norm": grad_norm, "target_tokens": n,

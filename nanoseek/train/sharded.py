@@ -26,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nanoseek.checkpoint import INDEX_FILE, SINGLE_FILE, hf_keys
+from nanoseek.checkpoint import TensorSource, hf_keys, plan_shards, write_index
 from nanoseek.config import ModelConfig
 from nanoseek.io_utils import atomic_directory, atomic_write_text, fsync_dir
 from nanoseek.model.init import local_box
@@ -223,29 +223,21 @@ def export_pretrained(path: str, out: str, max_shard_bytes: int = 5 * 2**30) -> 
         layer = cfg.num_hidden_layers + k
         entries += [(f"model.layers.{layer}.embed_tokens.weight", "model.embed_tokens.weight"),
                     (f"model.layers.{layer}.shared_head.head.weight", "model.lm_head.weight")]
-    shards, size = [[]], 0
-    for hf, key in entries:
-        nbytes = meta[key].size.numel() * meta[key].properties.dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((hf, key))
-        size += nbytes
-    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                                    for i in range(len(shards))]
-    weight_map, total = {}, 0
+    dcp_key = dict(entries)
+    files = plan_shards([(hf, meta[key].size.numel() * meta[key].properties.dtype.itemsize) for hf, key in entries],
+                        max_shard_bytes)
+    total = 0
     with atomic_directory(out) as tmp:
-        for name, shard in zip(names, shards):
-            want = {key: torch.empty(tuple(meta[key].size), dtype=meta[key].properties.dtype) for _, key in shard}
+        for name, hfs in files.items():
+            want = {dcp_key[hf]: torch.empty(tuple(meta[dcp_key[hf]].size), dtype=meta[dcp_key[hf]].properties.dtype)
+                    for hf in hfs}
             dcp.load(want, checkpoint_id=path)
-            tensors = {hf: want[key].clone() for hf, key in shard}  # clone: a shared tensor's copies differ
+            tensors = {hf: want[dcp_key[hf]].clone() for hf in hfs}  # clone: a shared tensor's copies differ
             save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
-            weight_map.update({hf: name for hf in tensors})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             del want, tensors
-        if len(names) > 1:
-            atomic_write_text(os.path.join(tmp, INDEX_FILE), json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        if len(files) > 1:
+            write_index(tmp, files, total)
         cfg.to_json(os.path.join(tmp, "config.json"))
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             copy_tokenizer(path, tmp)
@@ -253,25 +245,6 @@ def export_pretrained(path: str, out: str, max_shard_bytes: int = 5 * 2**30) -> 
 
 
 # ------------------------------------------------------------------------------------------ transformers layout
-class _Slices:
-    """A checkpoint's safetensors files, opened lazily; `read` returns only the requested part of a tensor
-    (safetensors' get_slice reads just those bytes)."""
-
-    def __init__(self, path: str, files: dict[str, str]):
-        self.path, self.files, self._open = path, files, {}
-
-    def _file(self, key: str):
-        file = self.files[key]
-        if file not in self._open:
-            self._open[file] = safe_open(os.path.join(self.path, file), framework="pt")
-        return self._open[file]
-
-    def read(self, key: str, index: tuple | None = None) -> torch.Tensor:
-        """The tensor `key`, or only its part `index` (a tuple of slices, one per dim)."""
-        f = self._file(key)
-        return f.get_tensor(key) if index is None or all(s == slice(None) for s in index) else f.get_slice(key)[index]
-
-
 def _box_index(t: torch.Tensor, skip_dim0: bool = False) -> tuple:
     """Slices of the global tensor this rank stores (init.local_box), optionally without dim 0."""
     index = [slice(None)] * t.dim()
@@ -298,63 +271,61 @@ def _single_process_indices(cfg) -> dict[str, int]:
     return {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
 
 
+def _optimizer_indices(model, optimizer) -> dict:
+    """Parameter -> its index in a transformers-layout checkpoint's optimizer file, matched by name (`model` may
+    hold only some parameters: a pipeline stage); creates the optimizer's state to load into."""
+    init_optimizer_state(optimizer)
+    single = _single_process_indices(model.config)
+    trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return {t: single[name] for name, t in _named_parameters(model) if id(t) in trainable}
+
+
+def _copy_slice(dst: torch.Tensor, t: torch.Tensor, first: int | None, keys: list[str], okey: str | None,
+                weights: TensorSource, moments: TensorSource) -> None:
+    """Copy this rank's part of the weight `keys` (okey None) or of the AdamW moment `okey` into dst, the local
+    storage of t (first: t's first global expert, or None)."""
+    if okey is not None and dst.dim() == 0:
+        dst.copy_(moments.get(okey))
+    elif first is None:
+        dst.copy_(weights.get(keys[0], _box_index(t)) if okey is None else moments.get(okey, _box_index(t)))
+    else:
+        e0, n = _expert_range(t)
+        rows = _box_index(t, skip_dim0=True)
+        if okey is None:
+            for j in range(n):
+                dst[j].copy_(weights.get(keys[first + e0 + j], rows))
+        else:
+            dst.copy_(moments.get(okey, (slice(first + e0, first + e0 + n), *rows)))
+
+
 @torch.no_grad()
 def load_pretrained_slices(path: str, model, optimizer=None) -> dict:
     """Resume a sharded run from a transformers-layout training checkpoint (one written by a single process),
     every rank reading only its own slices of the weights and of the AdamW moments; returns the trainer state.
     `model` may be a whole (sharded) model or one rank's pipeline stages; the optimizer file's indices are the
     single-process optimizer's (make_optimizer's parameter order), matched by parameter name."""
-
     cfg = model.config
-    if os.path.exists(os.path.join(path, INDEX_FILE)):
-        with open(os.path.join(path, INDEX_FILE)) as f:
-            files = json.load(f)["weight_map"]
-    else:
-        with safe_open(os.path.join(path, SINGLE_FILE), framework="pt") as f:
-            files = {k: SINGLE_FILE for k in f.keys()}
-    if any(k.endswith("_scale_inv") for k in files):
+    weights = TensorSource(path)
+    if any(k.endswith("_scale_inv") for k in weights.keys()):
         raise ValueError(f"{path} is an FP8 release checkpoint, not a training checkpoint: resume from fp32/bf16 "
                          "weights (nanoseek convert --dtype fp32)")
-    weights = _Slices(path, files)
     with safe_open(os.path.join(path, OPTIMIZER_FILE), framework="pt") as f:
-        opt_keys = set(f.keys())
-    moments = _Slices(path, {k: OPTIMIZER_FILE for k in opt_keys})
-    index_of = {}
-    if optimizer is not None:
-        init_optimizer_state(optimizer)
-        single = _single_process_indices(cfg)  # by name: `model` may hold only some parameters (a pipeline stage)
-        trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        index_of = {t: single[name] for name, t in _named_parameters(model) if id(t) in trainable}
+        moments = TensorSource(path, {k: OPTIMIZER_FILE for k in f.keys()})
+    index_of = _optimizer_indices(model, optimizer) if optimizer is not None else {}
     _reshard(model)
     for name, t, first in _tensor_entries(model):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        local = t.to_local() if isinstance(t, DTensor) else t
-        keys = hf_keys(name, cfg)
-        targets = [(local, None)]
-        if optimizer is not None and t in index_of and f"state.{index_of[t]}.exp_avg" not in opt_keys:
+        targets = [(t.to_local() if isinstance(t, DTensor) else t, None)]
+        if t in index_of and f"state.{index_of[t]}.exp_avg" not in moments.weight_map:
             optimizer.state.pop(t, None)  # never had a gradient (e.g. MTP with --mtp-lambda 0): no state, as saved
-        elif optimizer is not None and t in index_of:
-            st = optimizer.state[t]
+        elif t in index_of:
             targets += [((v.to_local() if isinstance(v, DTensor) else v), f"state.{index_of[t]}.{k}")
-                        for k, v in st.items() if torch.is_tensor(v)]
+                        for k, v in optimizer.state[t].items() if torch.is_tensor(v)]
         for dst, okey in targets:
-            if okey is not None and dst.dim() == 0:
-                dst.copy_(moments.read(okey))
-                continue
-            if first is None:
-                src = weights.read(keys[0], _box_index(t)) if okey is None else moments.read(okey, _box_index(t))
-                dst.copy_(src)
-                continue
-            e0, n = _expert_range(t)
-            rows = _box_index(t, skip_dim0=True)
-            if okey is None:
-                for j in range(n):
-                    dst[j].copy_(weights.read(keys[first + e0 + j], rows))
-            else:
-                dst.copy_(moments.read(okey, (slice(first + e0, first + e0 + n), *rows)))
-    if "rng.torch" in opt_keys:
-        torch.set_rng_state(moments.read("rng.torch"))
+            _copy_slice(dst, t, first, hf_keys(name, cfg), okey, weights, moments)
+    if "rng.torch" in moments.weight_map:
+        torch.set_rng_state(moments.get("rng.torch"))
     with open(os.path.join(path, TRAINER_STATE)) as f:
         state = json.load(f)
     state.pop("optimizer_param_groups", None)
