@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from nanoseek.accounting import param_counts
+from nanoseek.config import ModelConfig
 from nanoseek.data import prepare_data
 from nanoseek.eval import EvalConfig, evaluate
 from nanoseek.io_utils import atomic_write_text
@@ -59,8 +60,8 @@ class DemoConfig:
     eval_samples: int = 4
     distill_prompts: int = 400
     distill_generations: int = 2  # at T 0.6 a teacher repeats itself: more prompts beat more samples
-    student_pretrain_steps: int = 600
-    student_epochs: float = 4.0
+    student_pretrain_steps: int = 1000
+    student_epochs: float = 12.0  # ~350 traces: 4 epochs left a pilot student at 0.35 pass@1, 12 took it to 0.88
     serve: bool = True
 
     @classmethod
@@ -165,7 +166,11 @@ def _distill_stage(stage: Stages, dc: DemoConfig, data: str, teacher: str, task)
     them and evaluate it beside the teacher."""
     with stage("distill", f"`nano` student; {dc.distill_prompts} prompts x {dc.distill_generations} samples from "
                           "the R1-Zero model, verified, then SFT"):
-        tc = pretrain.TrainConfig(preset="nano", data=data, out=os.path.join(dc.out, "student_base"),
+        # nano with a head of its own: tied, the student rarely learned to copy the question's numbers in 1000
+        # steps and trace SFT could not fix it (BENCHMARKS.md, "make demo")
+        student = os.path.join(dc.out, "student_config.json")
+        ModelConfig.from_preset("nano").replace(tie_word_embeddings=False).to_json(student)
+        tc = pretrain.TrainConfig(config=student, data=data, out=os.path.join(dc.out, "student_base"),
                                   steps=dc.student_pretrain_steps, batch_size=dc.pretrain_batch, seq_len=128, lr=3e-3,
                                   eval_every=0, seed=0)
         pretrain.train(tc, progress=True)
