@@ -38,6 +38,7 @@ from nanoseek.model import Transformer
 from nanoseek.plot import plot_grpo, pyplot, save_figure
 from nanoseek.serve.server import free_port
 from nanoseek.tasks.curriculum import hard_task, write_corpus
+from nanoseek.tasks.rewards import extract_answer
 from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.train import distill, grpo, pretrain, sft
 
@@ -202,7 +203,9 @@ def _serve_stage(stage: Stages, dc: DemoConfig, model_dir: str) -> dict:
     except ImportError:
         print("[6/8] serve: skipped (the serve and test extras are not installed)")
         return {}
-    question = hard_task(4).sample(1, "test", seed=7)[0].prompt
+    task = hard_task(4)
+    example = task.sample(1, "test", seed=7)[0]
+    question = example.prompt
     with stage("serve", f"nanoseek serve on the R1-Zero model; asking {question!r} through the openai client"):
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", model_dir, "--port", str(port),
@@ -220,7 +223,9 @@ def _serve_stage(stage: Stages, dc: DemoConfig, model_dir: str) -> dict:
         message = reply.choices[0].message
         reasoning = getattr(message, "reasoning_content", None) or (message.model_extra or {}).get("reasoning_content")
         print(f"      reasoning: {reasoning!r}\n      answer:    {message.content!r}")
-        return {"question": question, "reasoning": reasoning, "answer": message.content,
+        given = extract_answer(message.content or "")
+        return {"question": question, "reasoning": reasoning, "answer": message.content, "expected": example.answer,
+                "correct": given is not None and task.check(given, example),
                 "completion_tokens": reply.usage.completion_tokens}
 
 
@@ -303,7 +308,9 @@ def report_markdown(r: dict) -> str:
         sv = r["served"]
         lines += ["", "Served by `nanoseek serve` and asked through the `openai` client:", "",
                   f"> **user:** {sv['question']}", ">", f"> **reasoning_content:** {sv['reasoning']}", ">",
-                  f"> **content:** {sv['answer']}"]
+                  f"> **content:** {sv['answer']}", "",
+                  "(a single sample at T 0.6: " + ("right" if sv.get("correct") else f"wrong; the sum is "
+                                                   f"{sv.get('expected')}") + ")"]
     if r["transformers"]:
         t = r["transformers"]
         lines += ["", f"transformers {t['version']} loads the final checkpoint as {t['class']}: max |logit "
