@@ -204,6 +204,16 @@ def test_completions_logprobs_echo(server, checkpoint):
     text = "".join(c.choices[0].text for c in client(url).completions.create(
         model=NAME, prompt="two", max_tokens=5, temperature=0, stream=True) if c.choices)
     assert text == client(url).completions.create(model=NAME, prompt="two", max_tokens=5, temperature=0).choices[0].text
+    # logprobs streamed: each chunk carries its tokens' entries; together they are the non-streamed object
+    kw = dict(model=NAME, prompt="two", max_tokens=6, temperature=0, logprobs=2)
+    whole = client(url).completions.create(**kw).choices[0].logprobs
+    parts = [c.choices[0].logprobs for c in client(url).completions.create(stream=True, **kw)
+             if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == whole.tokens and len(whole.tokens) == 6
+    assert [o for p in parts for o in p.text_offset] == whole.text_offset
+    assert max(abs(a - b) for a, b in zip([v for p in parts for v in p.token_logprobs], whole.token_logprobs)) < 1e-5
+    assert error_of(httpx.post(url + "/v1/completions", json={**kw, "stream": True, "echo": True}), 400)["param"] \
+        == "echo"
 
 
 def test_chat_logprobs_match_the_model_streamed_and_not(server, checkpoint):

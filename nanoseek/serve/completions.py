@@ -52,20 +52,25 @@ class _Completion:
         prompts = req.prompts()
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
+        if req.stream and req.echo:
+            raise APIError(400, "echo is not supported with stream: ask without stream (lm-evaluation-harness does)",
+                           "echo", "invalid_value")
         self.h, self.req = h, req
         self.encoded = [h.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
         self.reqs, self.origin = _engine_requests(h, req, self.encoded)
         self.job = h.job(self.reqs, request)
         self.states = {r.id: TextState(h.tokenizer, False, req.stop_strings()) for r in self.reqs}
         self.lps: dict[int, list] = {r.id: [] for r in self.reqs}
+        self.sent = {r.id: (0, 0) for r in self.reqs}  # streamed so far: logprob entries, characters of their tokens
         self.cid, self.now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def finish_reason(self, r: Request) -> str:
         """Why the choice ended: a stop string or stop token, else the token limit."""
         return "stop" if self.states[r.id].stopped or r.finish_reason == "stop" else "length"
 
-    def logprobs_of(self, r: Request):
-        """OpenAI's legacy logprobs object; with echo the prompt tokens come first (the first has no logprob)."""
+    def logprobs_of(self, r: Request, start: int = 0, offset: int = 0):
+        """OpenAI's legacy logprobs object for the generated tokens from `start` on (text offsets from `offset`);
+        with echo the prompt tokens come first (the first has no logprob)."""
         if self.req.logprobs is None:
             return None
         decode = self.h.tokenizer.decode
@@ -77,12 +82,13 @@ class _Completion:
             for lp, top in r.prompt_logprob_values:
                 vals.append(lp)
                 tops.append({decode([t]): v for t, v in top[: max(self.req.logprobs, 1)]})
-        for tok, lp, top in self.lps[r.id]:
+        for tok, lp, top in self.lps[r.id][start:]:
             toks.append(tok)
             vals.append(lp)
             tops.append({decode([t]): v for t, v in (top or [])} or {decode([tok]): lp})
         strs = [decode([t]) for t in toks]
-        return {"tokens": strs, "token_logprobs": vals, "top_logprobs": tops, "text_offset": _text_offsets(strs)}
+        return {"tokens": strs, "token_logprobs": vals, "top_logprobs": tops,
+                "text_offset": [offset + o for o in _text_offsets(strs)]}
 
     def text_of(self, r: Request) -> str:
         """The choice's text, after the decoded prompt when echo is set."""
@@ -125,8 +131,12 @@ class _Completion:
                                       "model": self.h.model_name, "choices": choices, **extra}) + "\n\n"
 
     def choice_chunk(self, r: Request, text: str, finish_reason: str | None) -> str:
-        """One SSE event carrying one choice's text."""
-        return self.chunk([{"index": self.origin[r.id][0], "text": text, "logprobs": None,
+        """One SSE event carrying one choice's text, and the logprobs of its tokens not sent yet."""
+        start, offset = self.sent[r.id]
+        lps = self.logprobs_of(r, start, offset) if start < len(self.lps[r.id]) else None
+        if lps:
+            self.sent[r.id] = (len(self.lps[r.id]), offset + sum(map(len, lps["tokens"])))
+        return self.chunk([{"index": self.origin[r.id][0], "text": text, "logprobs": lps,
                             "finish_reason": finish_reason}])
 
     async def sse(self):
