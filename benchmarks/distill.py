@@ -78,7 +78,10 @@ def teacher_checkpoint(args, r1z) -> tuple[str, bool]:
 def student_base(args) -> str:
     out = os.path.join(args.out, "nano_base")
     if latest_checkpoint(out) is None:
-        tc = pretrain.TrainConfig(preset="nano", data=os.path.join(args.r1zero, "data"), out=out,
+        os.makedirs(args.out, exist_ok=True)
+        config = os.path.join(args.out, "student_config.json")  # nano, its head tied or (as the demo's) its own
+        ModelConfig.from_preset("nano").replace(tie_word_embeddings=args.student_head == "tied").to_json(config)
+        tc = pretrain.TrainConfig(config=config, data=os.path.join(args.r1zero, "data"), out=out,
                                   steps=args.student_pretrain_steps, batch_size=16, seq_len=128, lr=3e-3, eval_every=0,
                                   seed=0)
         pretrain.train(tc, progress=not args.json)
@@ -131,6 +134,9 @@ def main() -> None:
     p.add_argument("--teacher-pretrain-steps", type=int, default=1200, help="only when the teacher is built here")
     p.add_argument("--teacher-grpo-steps", type=int, default=90, help="only when the teacher is built here")
     p.add_argument("--student-pretrain-steps", type=int, default=1200)
+    p.add_argument("--student-head", choices=["tied", "untied"], default="tied",
+                   help="nano's output head: tied (the preset, 0.31x the teacher's active parameters) or its own "
+                        "(0.34x; the demo's student, see benchmarks/student_seeds.py)")
     # K=2 over 800 prompts rather than K=4 over 400 (same teacher cost): at T 0.6 the teacher's chain for a problem
     # is nearly always the same text, so the duplicate filter keeps ~1 trace a prompt whatever K is (pilot: 374
     # unique of 1287 correct at K=4); more prompts give more distinct traces.
