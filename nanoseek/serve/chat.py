@@ -83,12 +83,7 @@ class _Chat:
 
     async def response(self):
         """The whole reply once every choice is done; 499 when the client left."""
-        async for kind, x in self.job:
-            if kind == "token":
-                self.on_token(x)
-        for st in self.states.values():
-            st.flush()
-        if self.job.disconnected:  # nobody to answer
+        if not await self.job.collect(self.on_token, self.states.values()):
             return Response(status_code=499)
         choices = [{"index": self.index[r.id], "finish_reason": self.finish_reason(r), "logprobs": self.logprobs_of(r),
                     "message": {"role": "assistant", "content": self.states[r.id].content,

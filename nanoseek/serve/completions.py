@@ -113,12 +113,7 @@ class _Completion:
 
     async def response(self):
         """The whole reply once every choice is done; 499 when the client left."""
-        async for kind, x in self.job:
-            if kind == "token":
-                self.on_token(x)
-        for st in self.states.values():
-            st.flush()
-        if self.job.disconnected:
+        if not await self.job.collect(self.on_token, self.states.values()):
             return Response(status_code=499)
         choices = [{"index": self.origin[r.id][0], "text": self.text_of(r), "logprobs": self.logprobs_of(r),
                     "finish_reason": self.finish_reason(r)} for r in self.reqs]

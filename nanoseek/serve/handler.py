@@ -49,6 +49,16 @@ class Job:
         for r in self.reqs:
             self.stop(r)
 
+    async def collect(self, on_token, states) -> bool:
+        """Run a non-streamed reply to its end: every token through `on_token`, then the text states flushed.
+        False when the client left (nobody to answer)."""
+        async for kind, x in self:
+            if kind == "token":
+                on_token(x)
+        for st in states:
+            st.flush()
+        return not self.disconnected
+
     async def __aiter__(self):
         try:
             while self.open:
