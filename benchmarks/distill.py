@@ -78,10 +78,8 @@ def teacher_checkpoint(args, r1z) -> tuple[str, bool]:
 def student_base(args) -> str:
     out = os.path.join(args.out, "nano_base")
     if latest_checkpoint(out) is None:
-        os.makedirs(args.out, exist_ok=True)
-        config = os.path.join(args.out, "student_config.json")  # nano, its head tied or (as the demo's) its own
-        ModelConfig.from_preset("nano").replace(tie_word_embeddings=args.student_head == "tied").to_json(config)
-        tc = pretrain.TrainConfig(config=config, data=os.path.join(args.r1zero, "data"), out=out,
+        preset = "nano" if args.student_head == "tied" else "nano-untied"
+        tc = pretrain.TrainConfig(preset=preset, data=os.path.join(args.r1zero, "data"), out=out,
                                   steps=args.student_pretrain_steps, batch_size=16, seq_len=128, lr=3e-3, eval_every=0,
                                   seed=0)
         pretrain.train(tc, progress=not args.json)

@@ -17,14 +17,13 @@ import time
 
 import torch
 
-from nanoseek.config import ModelConfig
 from nanoseek.eval import EvalConfig, evaluate
 from nanoseek.model import Transformer
 from nanoseek.tasks.curriculum import hard_task
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import pretrain, sft
 
-VARIANTS = {"tied": {}, "untied": {"tie_word_embeddings": False}}
+VARIANTS = {"tied": "nano", "untied": "nano-untied"}  # the output head tied to the embedding, or its own
 
 
 def pass1(model_dir: str, n: int) -> float:
@@ -34,10 +33,7 @@ def pass1(model_dir: str, n: int) -> float:
 
 def run_one(args, variant: str, seed: int) -> dict:
     out = os.path.join(args.out, f"{variant}_s{seed}")
-    os.makedirs(out, exist_ok=True)
-    cfg_path = os.path.join(out, "student_config.json")
-    ModelConfig.from_preset("nano").replace(**VARIANTS[variant]).to_json(cfg_path)
-    tc = pretrain.TrainConfig(config=cfg_path, data=os.path.join(args.demo, "data"), out=os.path.join(out, "base"),
+    tc = pretrain.TrainConfig(preset=VARIANTS[variant], data=os.path.join(args.demo, "data"), out=os.path.join(out, "base"),
                               steps=args.steps, batch_size=16, seq_len=128, lr=3e-3, eval_every=0, seed=seed)
     pretrain.train(tc, progress=False)
     sc = sft.SFTConfig(model=os.path.join(tc.out, "latest"), data=os.path.join(args.demo, "traces.jsonl"),

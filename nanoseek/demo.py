@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from nanoseek.accounting import param_counts
-from nanoseek.config import ModelConfig
 from nanoseek.data import prepare_data
 from nanoseek.eval import EvalConfig, evaluate
 from nanoseek.io_utils import atomic_write_text
@@ -169,9 +168,7 @@ def _distill_stage(stage: Stages, dc: DemoConfig, data: str, teacher: str, task)
                           "the R1-Zero model, verified, then SFT"):
         # nano with a head of its own: tied, the student rarely learned to copy the question's numbers in 1000
         # steps and trace SFT could not fix it (BENCHMARKS.md, "make demo")
-        student = os.path.join(dc.out, "student_config.json")
-        ModelConfig.from_preset("nano").replace(tie_word_embeddings=False).to_json(student)
-        tc = pretrain.TrainConfig(config=student, data=data, out=os.path.join(dc.out, "student_base"),
+        tc = pretrain.TrainConfig(preset="nano-untied", data=data, out=os.path.join(dc.out, "student_base"),
                                   steps=dc.student_pretrain_steps, batch_size=dc.pretrain_batch, seq_len=128, lr=3e-3,
                                   eval_every=0, seed=0)
         pretrain.train(tc, progress=True)
