@@ -31,10 +31,7 @@ MANIFEST = "manifest.json"
 FORMAT = "nanoseek-tokens/1"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# writing shards
-
-
+# --------------------------------------------------------------------------------------------- writing shards
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
 
@@ -193,10 +190,7 @@ def _split_tail(train: _ShardWriter, val: _ShardWriter, val_fraction: float) -> 
     val.add(arr[-n_val:].astype(np.int64))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# reading shards
-
-
+# --------------------------------------------------------------------------------------------- reading shards
 def load_manifest(data_dir: str) -> dict:
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isfile(path):

@@ -71,10 +71,7 @@ class TokenizerError(ValueError):
     """Bad tokenizer input (files, vocab size, messages); the message says what to change."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# chat template
-
-
+# ---------------------------------------------------------------------------------------------- chat template
 def _chat_segments(messages: list[dict], add_generation_prompt: bool, bos: str, eos: str):
     """The rendered chat as (text, is_assistant_target) pieces; render and mask both derive from this."""
     if not isinstance(messages, (list, tuple)):
@@ -104,10 +101,7 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False, bos: 
     return "".join(text for text, _ in _chat_segments(messages, add_generation_prompt, bos, eos))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the loaded tokenizer
-
-
+# --------------------------------------------------------------------------------------- the loaded tokenizer
 @dataclass
 class Tokenizer:
     """A thin wrapper over a `tokenizers.Tokenizer` with nanoseek's special tokens and chat format."""
@@ -226,10 +220,7 @@ def copy_tokenizer(src_dir: str, dst_dir: str) -> None:
             atomic_write(os.path.join(dst_dir, name), lambda tmp, src=src: shutil.copyfile(src, tmp))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# training
-
-
+# --------------------------------------------------------------------------------------------------- training
 def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, min_frequency: int = 2,
                     show_progress: bool = False) -> Tokenizer:
     """Train byte-level BPE on text files (one document each) or .jsonl files ("text" per line); save to out_dir.

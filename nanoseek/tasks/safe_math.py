@@ -195,9 +195,7 @@ def evaluate(text: str, **bounds) -> Fraction | None:
     return None if out is None else out[0]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Final answers: a single number written in any of the usual ways.
-
+# -------------------------------------------- final answers: a single number written in any of the usual ways
 MAX_NUMBER_CHARS = 100
 MAX_EXPONENT = 100
 
