@@ -27,7 +27,6 @@ from nanoseek.io_utils import atomic_directory, atomic_write_text, fsync_dir
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -17,9 +17,8 @@ The sampled estimator (reverse KL only): for tokens x_t drawn from the student i
 log p_S(x_t) - log p_T(x_t) is an unbiased one-sample estimate of KL(p_S || p_T) at that position. Its gradient
 comes from the score function, E[(log p_S - log p_T) grad log p_S] (E[grad log p_S] = 0), so the surrogate
 loss is the per-token "advantage" -(log p_S - log p_T), held constant and centred on its batch mean (a
-baseline, for variance), times log p_S: the on-policy
-distillation recipe with the teacher's per-token log-prob as a dense reward. It needs only the sampled
-tokens' log-probs, not the vocabulary.
+baseline, for variance), times log p_S: the on-policy distillation recipe with the teacher's per-token log-prob
+as a dense reward. It needs only the sampled tokens' log-probs, not the vocabulary.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-BETAS = {"forward": 0.0, "jsd": 0.5, "reverse": 1.0}
 KL_MODES = ("exact", "sampled")
 
 
