@@ -146,10 +146,8 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 class ExpertParallelExperts(GroupedExperts):
-    """A GroupedExperts (or a subclass such as FP8GroupedExperts) made expert parallel in place by
-    make_expert_parallel: it keeps experts [first, first + E/ep) under the same parameter names, and its forward
-    wraps the unchanged expert forward in token dispatch and combine (all-to-all). Takes and returns what
-    GroupedExperts does: rows sorted by (global) expert and the tokens per expert."""
+    """GroupedExperts (or a subclass) holding experts [first, first + E/ep), made so by make_expert_parallel; its
+    forward takes and returns what GroupedExperts' does (see the module docstring)."""
 
     group = None
     ep = num_local = first = 1
@@ -236,15 +234,10 @@ def _shard_placement_kw(dim: int) -> dict:
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int = 1, mp_policy=None) -> nn.Module:
-    """Make a model data + expert parallel, in place. The model may be on the meta device (nothing is
-    allocated; materialise with `model.to_empty(device=...)` and `model.init_weights(seed)` afterwards, see
-    build_model) or initialised identically on every rank.
-
-    ep > 1: routed experts split over mesh["ep"] (see ExpertParallelExperts), FSDP-sharded over mesh["dp"] on
-    dim 0, or dim 1 when there are more dp ranks than local experts (expert_shard_dim). Then fully_shard on
-    every block (transformer layers and MTP modules) and on the root (embedding, head, final norm) over all
-    ranks: parameters, gradients and optimizer state are sharded; each block is all-gathered just before it
-    runs and freed after. `mp_policy` (an FSDP MixedPrecisionPolicy) is passed through.
+    """Make a model data + expert parallel, in place (sharding: see the module docstring). The model may be on
+    the meta device (materialised afterwards, as build_model does) or initialised identically on every rank.
+    fully_shard wraps every block (layers and MTP modules) and the root (embedding, head, final norm): each block
+    is all-gathered just before it runs and freed after. `mp_policy` (an FSDP MixedPrecisionPolicy) is passed on.
     """
     kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     _parallelize_experts(model, mesh, ep, kw)
@@ -322,11 +315,8 @@ def build_model(cfg, seed: int, device: torch.device, info: DistInfo | None = No
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip gradients to a global L2 norm of max_norm; returns the norm before clipping.
-
-    After parallelize, every parameter element is stored on exactly one rank (FSDP shard or expert-parallel
-    slice), so the global squared norm is the sum over ranks of the local shards' squared norms.
-    """
+    """Clip gradients to a global L2 norm of max_norm; returns the norm before clipping. Every parameter element
+    lives on exactly one rank, so the global squared norm is the sum over ranks of the local ones."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     device = local[0].device if local else torch.device("cpu")

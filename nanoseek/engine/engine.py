@@ -49,23 +49,19 @@ def request_seed(seed: int | None, i: int) -> int | None:
 class Engine:
     """Batched generation for a nanoseek Transformer with a latent KV cache.
 
-    Engine(model, max_batch_size=8, max_seq_len=4096, kv_cache_dtype=None): the cache is allocated once here
-    for max_batch_size sequences of max_seq_len tokens (prompt + generated). kv_cache_dtype is "fp32", "bf16"
-    or "fp8"; None means the model's dtype ("fp32" for fp32 weights, "bf16" otherwise). prefix_cache_tokens
-    bounds the prefix cache in tokens: off (0) by default here, so repeated offline calls (benchmarks) compute
-    every prompt, and on in `nanoseek serve`. Identical prompts in one call are prefilled once either way.
-    prefill_chunk is the most prompt tokens one request prefills per step (default: whole prompts) and
-    prefill_budget the most over all requests (default: no limit): offline, a batch of prompts prefills at once as
-    before; a server chunks long prompts so that rows already decoding keep getting tokens.
+    The cache is allocated once, for max_batch_size sequences of max_seq_len tokens (prompt + generated).
+    kv_cache_dtype is "fp32", "bf16" or "fp8"; None means the model's dtype ("fp32" for fp32 weights, "bf16"
+    otherwise). prefix_cache_tokens bounds the prefix cache: off (0) by default, so repeated offline calls
+    (benchmarks) compute every prompt; `nanoseek serve` turns it on (identical prompts in one call are prefilled
+    once either way). prefill_chunk is the most prompt tokens one request prefills per step (default: whole
+    prompts), prefill_budget the most over all requests (default: no limit): a server chunks long prompts so that
+    rows already decoding keep getting tokens.
 
-    compile: batch-1 decode steps run a compiled step (nanoseek/engine/decode.py) where torch.compile works; None
-    reads NANOSEEK_COMPILE (0 off, 1 or unset on). The first such step compiles (`compile_seconds`, once per
-    engine); if compilation fails, one warning and the plain eager path from then on. Prefill and batches > 1 always
-    take the plain path.
+    compile: batch-1 decode steps run compiled (nanoseek/engine/decode.py) where torch.compile works; None reads
+    NANOSEEK_COMPILE (0 off, 1 or unset on). If compilation fails: one warning, then the eager path.
 
-    A request must satisfy len(prompt) + max_new_tokens <= max_seq_len; otherwise generate raises ValueError
-    before computing anything (no silent truncation). The engine is single-threaded: one generate/stream (or
-    the server's loop) drives it at a time.
+    A request must satisfy len(prompt) + max_new_tokens <= max_seq_len (no silent truncation). The engine is
+    single-threaded: one generate/stream (or the server's loop) drives it at a time.
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, kv_cache_dtype: str | None = None,
@@ -88,8 +84,7 @@ class Engine:
         self.stats = SpecStats()
         # ragged chunks prefill as one padded batch while its dense [B, T, S] mask has at most this many entries
         self.prefill_mask_limit = 2**22
-        # prefill attention path: expanded SDPA measured faster on CPU (benchmarks/decode.py --compare-prefill)
-        self.prefill_absorb = False
+        self.prefill_absorb = False  # see the module docstring
         self.scheduler = Scheduler(self, prefill_chunk or max_seq_len, prefill_budget)
         self.compiled = CompiledDecode(model, self.cache) if (compile_default() if compile is None else compile) else None
         model.eval()

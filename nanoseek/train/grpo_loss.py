@@ -142,18 +142,16 @@ def policy_loss(
 
     Shapes: logp, old_logp, ref_logp, mask [B, T] (log-probabilities of the sampled tokens, mask 1 on
     completion tokens and 0 on prompt/padding); advantages [B]. old_logp and ref_logp are treated as constants.
-
-    Per token:  l_it = -( min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_it )
-    with ratio="token": rho_it = exp(logp_it - old_logp_it) (GRPO, DAPO);
-    with ratio="sequence": rho_it = s_i = exp(sum_t m_it (logp_it - old_logp_it) / |o_i|) for every token of
-    o_i (GSPO; under aggregation="grpo" this is exactly GSPO's per-sequence objective and gradient).
-
-    Aggregation of l_it over the batch: see `aggregate` ("grpo", "dr_grpo", "dapo").
-
     Masked positions contribute nothing, even if their log-probabilities are inf or nan.
-    Stats (detached 0-dim tensors): loss, clip_frac (share of tokens, or sequences for GSPO, where the clipped
-    branch is active: rho > 1 + eps_high with A > 0 or rho < 1 - eps_low with A < 0), clip_high_frac,
-    clip_low_frac, ratio_mean, kl (mean k3 over tokens, 0 if beta is 0 and no ref_logp is given).
+
+    Per token l_it = -(min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_it), with
+    rho_it = exp(logp_it - old_logp_it) for ratio="token" (GRPO, DAPO), or for ratio="sequence" s_i =
+    exp(sum_t m_it (logp_it - old_logp_it) / |o_i|) on every token of o_i (GSPO; under aggregation="grpo"
+    exactly GSPO's per-sequence objective and gradient); l_it is reduced over the batch by `aggregate`.
+
+    Stats (detached 0-dim tensors): loss, clip_frac (share of tokens, or sequences for GSPO, on the clipped
+    branch: rho > 1 + eps_high with A > 0 or rho < 1 - eps_low with A < 0), clip_high_frac, clip_low_frac,
+    ratio_mean, kl (mean k3 over tokens, 0 if beta is 0 and no ref_logp is given).
     """
     _check_inputs(logp, old_logp, advantages, mask, eps_low, eps_high, beta, ref_logp, aggregation, ratio)
     B, T = logp.shape
