@@ -8,8 +8,6 @@ Two mechanisms, both driven by what the router exposes (`MoE.last_routing`), nev
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from nanoseek.model.moe import MoE, Routing
@@ -43,13 +41,10 @@ def balance_loss(moe_layers: list[MoE], batch_size: int, alpha: float = ALPHA) -
 
 
 @torch.no_grad()
-def update_bias(moe_layers: list[MoE], counts: list[torch.Tensor], gamma: float = GAMMA,
-                all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+def update_bias(moe_layers: list[MoE], counts: list[torch.Tensor], gamma: float = GAMMA) -> None:
     """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), per layer, from the counts of
-    the whole batch (summed over micro-batches; `all_reduce` sums them over ranks first when distributed)."""
+    the whole batch (summed over micro-batches, and over ranks when distributed)."""
     for layer, load in zip(moe_layers, counts):
-        if all_reduce is not None:
-            load = all_reduce(load)
         load = load.float()
         bias = layer.gate.e_score_correction_bias
         if bias is not None:

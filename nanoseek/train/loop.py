@@ -131,18 +131,17 @@ class Run:
         run.close()                          # also when the loop raised (the bar and the log are closed)
 
     The guard's counters and the number of steps travel in every checkpoint; resuming with another number of
-    steps is refused, since the schedule would change. `save_fn` / `load_fn` replace the single-process
-    checkpoint I/O (distributed runs gather and scatter shards); `is_main` False makes a rank silent."""
+    steps is refused, since the schedule would change. Pretraining replaces the `save_fn` / `load_fn` attributes
+    (single-process checkpoint I/O) to write and read sharded checkpoints; `is_main` False makes a rank silent."""
 
     def __init__(self, out: str, steps: int, name: str, model, optimizer, *, save_every: int = 0,
                  keep: int | None = None, max_bad_steps: int = 5, tokenizer_dir: str | None = None,
-                 progress: bool = True, is_main: bool = True, plot: Callable[[str], list] | None = None,
-                 save_fn: Callable[[int, dict], None] | None = None, load_fn: Callable[[str], dict] | None = None):
+                 progress: bool = True, is_main: bool = True, plot: Callable[[str], list] | None = None):
         self.out, self.steps, self.name, self.model, self.optimizer = out, steps, name, model, optimizer
         self.save_every, self.keep, self.tokenizer_dir = save_every, keep, tokenizer_dir
         self.progress, self.is_main, self.plot_fn = progress, is_main, plot
-        self.save_fn = save_fn or self._save
-        self.load_fn = load_fn or (lambda path: load_checkpoint(path, model, optimizer))
+        self.save_fn: Callable[[int, dict], None] = self._save
+        self.load_fn: Callable[[str], dict] = lambda path: load_checkpoint(path, model, optimizer)
         self.guard = NonFiniteGuard(max_bad_steps)
         self.start_step, self.last, self.log_file, self.bar = 0, {}, None, None
 
