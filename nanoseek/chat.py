@@ -17,7 +17,6 @@ from nanoseek.tokenizer import load_tokenizer
 
 DIM, RESET = "\033[2m", "\033[0m"
 
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

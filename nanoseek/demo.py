@@ -34,7 +34,7 @@ from nanoseek.eval import EvalConfig, evaluate
 from nanoseek.io_utils import atomic_write_text
 from nanoseek.machine import describe
 from nanoseek.model import Transformer
-from nanoseek.plot import plot_grpo, pyplot, save_figure
+from nanoseek.plot import pyplot, save_figure
 from nanoseek.serve.server import free_port
 from nanoseek.tasks.curriculum import hard_task, write_corpus
 from nanoseek.tasks.rewards import extract_answer
@@ -137,8 +137,7 @@ def run(dc: DemoConfig) -> dict:
         gc = grpo.GRPOConfig(model=base, task="arithmetic", out=os.path.join(dc.out, "r1zero"), steps=dc.grpo_steps,
                              prompts_per_step=dc.grpo_prompts, group_size=dc.grpo_group,
                              max_new_tokens=dc.max_new_tokens, lr=3e-4, eps_high=0.28, aggregation="dapo", seed=0)
-        grpo.train(gc, progress=True, task=task)
-        plot_grpo(gc.out)
+        grpo.train(gc, progress=True, task=task, plot=True)
         teacher = os.path.join(gc.out, "latest")
         plots["reward"], plots["response_length"] = (os.path.join(gc.out, n) for n in ("reward.png",
                                                                                          "response_length.png"))

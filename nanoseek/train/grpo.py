@@ -13,9 +13,8 @@ One step:
                kept), pi_ref the frozen starting model (only built when beta > 0). Loss: clipped ratio with
                eps_low / eps_high, token or sequence (GSPO) ratio, k3 KL, grpo | dr_grpo | dapo aggregation.
 
-Log-probs are recomputed with the model's own forward on prompt + completion (one right-padded causal batch:
-a real token never attends to padding on its right), gathered per completion token. The sampling engine and the
-training forward are the same weights, so pi_old equals the training forward up to float error.
+Log-probs are recomputed by the training forward (completion_logits); the sampling engine runs the same weights,
+so pi_old equals the training forward up to float error.
 
 The MoE router's bias (aux-loss-free balancing) is frozen during RL: the update only changes gradients' weights.
 Checkpoints, `latest`, metrics.jsonl and --resume work as in pretraining; prompts and sampling seeds are

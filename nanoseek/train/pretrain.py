@@ -6,11 +6,10 @@ then gradient clipping, AdamW on fp32 master weights, and the auxiliary-loss-fre
 batch's expert counts. Defaults are the papers' (DeepSeek-V3 sections 2.1.2, 2.2 and 4.2): lambda 0.3, alpha 1e-4,
 gamma 1e-3, AdamW betas (0.9, 0.95), weight decay 0.1, clipping at 1.0.
 
-Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel (FSDP2) and, with --ep E, expert parallel; see
-nanoseek/distributed.py. Every rank draws the same global batch and trains on its own slice, so an N-process run
-follows the 1-process run. With --pp P the blocks are split into pipeline stages (nanoseek/pipeline.py). A
-distributed run saves sharded checkpoints (each rank its own shards; see
-nanoseek/train/sharded.py), which resume on any number of processes, or one.
+Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel (FSDP2) and, with --ep E, expert parallel
+(nanoseek/distributed.py); with --pp P the blocks are split into pipeline stages (nanoseek/pipeline.py). Every rank
+draws the same global batch and trains on its own slice, so an N-process run follows the 1-process run. A
+distributed run saves sharded checkpoints (nanoseek/train/sharded.py), which resume on any number of processes.
 """
 
 from __future__ import annotations
