@@ -165,8 +165,6 @@ def _distill_stage(stage: Stages, dc: DemoConfig, data: str, teacher: str, task)
     them and evaluate it beside the teacher."""
     with stage("distill", f"`nano` student; {dc.distill_prompts} prompts x {dc.distill_generations} samples from "
                           "the R1-Zero model, verified, then SFT"):
-        # nano with a head of its own: tied, the student rarely learned to copy the question's numbers in 1000
-        # steps and trace SFT could not fix it (BENCHMARKS.md, "make demo")
         tc = pretrain.TrainConfig(preset="nano-untied", data=data, out=os.path.join(dc.out, "student_base"),
                                   steps=dc.student_pretrain_steps, batch_size=dc.pretrain_batch, seq_len=128, lr=3e-3,
                                   eval_every=0, seed=0)

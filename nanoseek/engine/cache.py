@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.fp8 import (
-    FP8_MAX,  # largest finite e4m3fn value, defined once with the FP8 numerics
-)
+from nanoseek.fp8 import FP8_MAX  # largest finite e4m3fn value, defined once with the FP8 numerics
 
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 

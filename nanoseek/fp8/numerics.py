@@ -91,8 +91,7 @@ def quantize_weight(w: torch.Tensor, block: int = BLOCK, pow2_scale: bool = Fals
     """Weight quantisation, one scale per block x block block (V3 section 3.3.2).
 
     w [out, in] (or [E, out, in] for stacked experts, blocks per expert) ->
-    (w_fp8 same shape, scale [ceil(out/block), ceil(in/block)] (or [E, ...]) fp32). The scale is what DeepSeek's
-    checkpoints call `weight_scale_inv`: w ~= w_fp8 * scale.
+    (w_fp8 same shape, scale [ceil(out/block), ceil(in/block)] (or [E, ...]) fp32), w ~= w_fp8 * scale.
     """
     if w.dim() not in (2, 3):
         raise ValueError(f"quantize_weight expects [out, in] or [experts, out, in], got shape {list(w.shape)}")
@@ -127,8 +126,7 @@ def is_fp8_checkpoint_weight(name: str, tensor: torch.Tensor) -> bool:
 
 def quantize_checkpoint_weight(w: torch.Tensor, block: int = BLOCK):
     """w [out, in] -> (weight float8_e4m3fn, weight_scale_inv [ceil(out/128), ceil(in/128)] fp32)."""
-    weight, weight_scale_inv = quantize_weight(w, block)
-    return weight, weight_scale_inv
+    return quantize_weight(w, block)
 
 
 def dequantize_checkpoint_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor,

@@ -22,7 +22,6 @@ def load_app(model_dir: str, max_batch_size: int = 8, max_seq_len: int = 4096, k
     model, tok, max_seq_len = load_model(model_dir, max_seq_len, dtype, "serve")
     if prefix_cache_tokens is None:  # the server caches prefixes by default: 4 full-length requests' worth
         prefix_cache_tokens = 4 * max_seq_len
-    # chunked prefill: a long prompt joins in pieces, so the rows already decoding are never stalled for long
     engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv_cache_dtype=kv_cache_dtype,
                     prefix_cache_tokens=prefix_cache_tokens, prefill_chunk=prefill_chunk,
                     prefill_budget=prefill_budget)

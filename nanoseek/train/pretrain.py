@@ -164,8 +164,6 @@ def _train(tc: TrainConfig, progress: bool, info, plot: bool) -> dict:
     if micro % world:
         raise ValueError(f"the micro-batch ({micro} sequences) must split evenly over {world} processes: "
                          "change --batch-size / --micro-batch-size or the number of processes")
-    # built on the meta device, sharded, then each rank materialises and initialises only its shards: the
-    # weights depend on the seed alone, not on the number of processes or --ep
     model = distributed.build_model(cfg, tc.seed, info.device if info else torch.device("cpu"), info, tc.ep,
                                     convert=(lambda m: convert_to_fp8(m, recipe)) if recipe else None)
     model.set_recompute(tc.recompute)
@@ -205,7 +203,6 @@ def _run(tc: TrainConfig, progress: bool, info, plot: bool, model, cfg: ModelCon
     lr = tc.lr if tc.lr is not None else DEFAULT_LR.get(tc.preset, 2.2e-4)
     warmup = tc.warmup if tc.warmup is not None else min(100, tc.steps // 10)
     optimizer = make_optimizer(model, lr, tc.weight_decay)
-    # rank 0's sampler on every rank: all draw the same global batch, each trains on its slice
     data = TokenDataset(tc.data, "train", tc.seq_len, seed=tc.seed)
     val = TokenDataset(tc.data, "val", tc.seq_len) if tc.eval_every else None
     tokenizer_dir = os.path.join(tc.data, "tokenizer")
