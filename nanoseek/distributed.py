@@ -41,16 +41,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanoseek.model.init import DTensor, Shard  # imported there for every torch version
 from nanoseek.model.moe import GroupedExperts, MoE
 
 try:  # torch >= 2.6
     from torch.distributed.fsdp import fully_shard
 except ImportError:  # torch 2.4 / 2.5 kept FSDP2 under _composable
     from torch.distributed._composable.fsdp import fully_shard
-try:
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # torch < 2.5
-    from torch.distributed._tensor import DTensor, Shard
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 

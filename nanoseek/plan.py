@@ -23,6 +23,7 @@ from torch import nn
 
 from nanoseek.accounting import OPTIMIZER_BYTES, memory_per_rank, pipeline_stages
 from nanoseek.config import ModelConfig
+from nanoseek.model.init import DTensor
 
 # DeepSeek-V3's own training layout (technical report, section 3.2): 2,048 H800 GPUs, 16-way pipeline parallelism,
 # 64-way expert parallelism over 8 nodes, no tensor parallelism; recomputation of RMSNorm and MLA up-projections.
@@ -34,10 +35,6 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 def measure(module: nn.Module) -> dict:
     """Bytes this rank stores for `module`'s parameters: each local shard's storage (FSDP pads a dim to equal
     chunks, so rank 0's shard is the largest), and the local element count (what AdamW's state is shaped like)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5
-        from torch.distributed._tensor import DTensor
     nbytes, numel = 0, 0
     for p in module.parameters():
         local = p.to_local() if isinstance(p, DTensor) else p

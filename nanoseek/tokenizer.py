@@ -172,18 +172,17 @@ class Tokenizer:
         tokenizer.json goes last, so a directory that has it has the others too.
         """
         os.makedirs(out_dir, exist_ok=True)
-        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                    "additional_special_tokens": list(ROLE_TOKENS.values())}
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **specials,
-            "additional_special_tokens": list(ROLE_TOKENS.values()),
             "chat_template": CHAT_TEMPLATE,
             "clean_up_tokenization_spaces": False,  # decode must give back the exact text
             "model_max_length": 1_000_000_000,
         }
         atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
-        special_map = {**specials, "additional_special_tokens": list(ROLE_TOKENS.values())}
-        atomic_write_text(os.path.join(out_dir, "special_tokens_map.json"), json.dumps(special_map, indent=2) + "\n")
+        atomic_write_text(os.path.join(out_dir, "special_tokens_map.json"), json.dumps(specials, indent=2) + "\n")
         atomic_write_text(os.path.join(out_dir, "tokenizer.json"), self.tok.to_str(pretty=True))
 
 

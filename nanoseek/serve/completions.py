@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from itertools import accumulate
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import Response, StreamingResponse
@@ -34,15 +35,6 @@ def _engine_requests(h: Handler, req: CompletionRequest, encoded: list[list[int]
             origin[r.id] = (len(reqs), pi)
             reqs.append(r)
     return reqs, origin
-
-
-def _text_offsets(strs: list[str]) -> list[int]:
-    """Where each token's text starts in the concatenated text."""
-    offsets, o = [], 0
-    for s in strs:
-        offsets.append(o)
-        o += len(s)
-    return offsets
 
 
 class _Completion:
@@ -88,7 +80,7 @@ class _Completion:
             tops.append({decode([t]): v for t, v in (top or [])} or {decode([tok]): lp})
         strs = [decode([t]) for t in toks]
         return {"tokens": strs, "token_logprobs": vals, "top_logprobs": tops,
-                "text_offset": [offset + o for o in _text_offsets(strs)]}
+                "text_offset": list(accumulate(map(len, strs), initial=offset))[:-1]}  # where each token starts
 
     def text_of(self, r: Request) -> str:
         """The choice's text, after the decoded prompt when echo is set."""

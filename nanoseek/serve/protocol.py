@@ -28,6 +28,10 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
     # unknown fields are ignored, as OpenAI's clients send more than a small server reads
     model_config = ConfigDict(extra="ignore")
@@ -48,10 +52,6 @@ class _Request(BaseModel):
     def stop_strings(self) -> list[str]:
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [x for x in s if x]
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
 
 
 class ContentPart(BaseModel):
@@ -96,11 +96,6 @@ class CompletionRequest(_Request):
 
     def limit(self) -> int | None:
         return self.max_tokens
-
-
-_Request.model_rebuild()
-ChatRequest.model_rebuild()
-CompletionRequest.model_rebuild()
 
 
 def validation_error(e) -> APIError:

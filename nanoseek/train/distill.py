@@ -17,13 +17,11 @@ Qwen3 technical report, arXiv 2505.09388, section 4.5).
         correct     the task's verifier accepts the answer (R1's rule checks)
         duplicate   the same completion for the same prompt is kept once
         per_prompt  at most --max-per-prompt traces per prompt
-    Every sample is counted in a yield table (sampled -> remaining after each filter). Output: JSONL that
-    `nanoseek sft` reads, {"messages": [system, user, assistant]} plus "task", "answer", "teacher",
-    "prompt_index" metadata; --general-frac mixes in non-reasoning conversations from --general (R1's 600k:200k
-    is a general fraction of 0.25).
-    Resume: lines are appended and fsynced chunk by chunk; OUT.progress.json (written atomically after each
-    chunk) records how many prompts and lines are final. A rerun with the same arguments drops any line past
-    that count (a chunk cut by a crash) and continues with the next prompt, so no line is ever duplicated.
+    Every sample is counted in a yield table (sampled -> remaining after each filter). Output: the JSONL
+    `nanoseek sft` reads; --general-frac mixes in non-reasoning conversations from --general (R1's 600k:200k is
+    a general fraction of 0.25). Resume: lines are appended and fsynced chunk by chunk, and OUT.progress.json
+    (written atomically after each chunk) records how many are final; a rerun with the same arguments drops any
+    line past that count (a chunk cut by a crash) and continues with the next prompt.
 
 `train_onpolicy` (`nanoseek distill onpolicy`): each step the student samples (GRPO's rollout, the same code),
     the frozen teacher scores every sampled token in one forward, and the loss is the per-token divergence

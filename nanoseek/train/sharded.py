@@ -29,15 +29,11 @@ from safetensors.torch import load_file, save_file
 from nanoseek.checkpoint import TensorSource, hf_keys, plan_shards, write_index
 from nanoseek.config import ModelConfig
 from nanoseek.io_utils import atomic_directory, atomic_write_text, fsync_dir
-from nanoseek.model.init import local_box
+from nanoseek.model.init import DTensor, Shard, local_box
 from nanoseek.tokenizer import copy_tokenizer
 from nanoseek.train import state as state_module
 from nanoseek.train.state import OPTIMIZER_FILE, TRAINER_STATE, list_checkpoints, point_latest
 
-try:
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # torch < 2.5
-    from torch.distributed._tensor import DTensor, Shard
 try:  # torch >= 2.6
     from torch.distributed.fsdp import FSDPModule
 except ImportError:
