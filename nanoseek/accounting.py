@@ -160,21 +160,19 @@ def memory_per_rank(c: ModelConfig, world_size: int, ep: int = 1, batch_tokens_p
                     dtype: str = "bfloat16", optimizer: str = "adamw", pp: int = 1, recompute: str = "none",
                     microbatches: int | None = None) -> dict:
     """Bytes one rank needs to train `c` with nanoseek.distributed.parallelize on world_size ranks, ep-way expert
-    parallel, pp pipeline stages, for micro-batches of batch_tokens_per_rank tokens per rank. MTP modules are
-    included. With pp > 1 the numbers are the largest stage's (pipeline_stages; each stage's world_size / pp
-    ranks shard it as parallelize shards a whole model); `stages` lists every stage.
+    parallel, pp pipeline stages, for micro-batches of batch_tokens_per_rank tokens per rank, MTP modules included.
+    With pp > 1 the numbers are the largest stage's (pipeline_stages; each stage's world_size / pp ranks shard it
+    as parallelize shards a whole model); `stages` lists every stage.
 
-    params, grads: every parameter element lives on exactly one rank of its stage (FSDP shards over the stage's
-        ranks; routed experts split over ep ranks, then sharded over the other world_size / pp / ep), so each is
-        the stage's parameters / (world_size / pp) at `dtype`.
+    params, grads: every parameter element lives on exactly one rank of its stage (nanoseek/distributed.py), so
+        each is the stage's parameters / (world_size / pp) at `dtype`.
     optimizer: OPTIMIZER_BYTES[optimizer] per local parameter (AdamW: exp_avg and exp_avg_sq in fp32).
     gathered: the transient unsharded working set: the stage's root parts (embedding, head) plus its largest FSDP
         unit (a block or an MTP module) with 1/ep of its routed experts, parameters and gradients, at `dtype`.
-    activations: an estimate, per token and block as _block_activation_elems counts; an MTP module adds 4d (two
-        norms, the concatenation) to its block. "block" recompute adds one block's full set while it is
-        recomputed; the last stage adds fp32 logits, vocab_size * 4 bytes per token for the head and each MTP
-        depth. Under 1F1B, stage s keeps min(microbatches, pp - s) micro-batches in flight (microbatches
-        defaults to 4 pp).
+    activations: an estimate per token and block (_block_activation_elems; an MTP module adds 4d: two norms, the
+        concatenation); "block" recompute adds one block's full set while it is recomputed; the last stage adds
+        fp32 logits for the head and each MTP depth. Under 1F1B, stage s keeps min(microbatches, pp - s)
+        micro-batches in flight (microbatches defaults to 4 pp).
     """
     if world_size < 1 or ep < 1 or pp < 1 or world_size % (ep * pp) or c.n_routed_experts % ep:
         raise ValueError(f"ep ({ep}) x pp ({pp}) must divide world_size ({world_size}) and ep must divide "

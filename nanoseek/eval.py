@@ -141,9 +141,7 @@ class EvalConfig:
 
 def evaluate(model, tokenizer, task, ec: EvalConfig | None = None, progress: bool = False) -> dict:
     """Sample ec.samples completions for each of ec.n problems of the split and score them (see module docstring)."""
-
     ec = ec or EvalConfig()
-
     examples = task.sample(ec.n, split=ec.split, seed=ec.seed)
     prompts = [prompt_ids(tokenizer, ex.prompt, ec.prefill_think) for ex in examples for _ in range(ec.samples)]
     params = SamplingParams(ec.max_new_tokens, temperature=ec.temperature, top_p=ec.top_p,

@@ -17,10 +17,9 @@ class LatentCache:
     max_batch_size and S max_seq_len. With fp8, each token's c_kv and k_rope carry one bf16 scale each
     (amax / 448), so a token costs r + p bytes plus 4 per layer instead of 2 (r + p) in bf16.
 
-    Before each forward the engine calls `set_step(rows, positions, kv_len)`: the rows taking part (a slice, or
-    an int64 tensor [b] of row indices), where this step's tokens go ([b, t] positions) and how many cached
-    positions to return. `views[i]` is the object layer i calls `update(c_kv, k_rope)` on: it writes the step's
-    latents and returns [c_kv ; k_rope] for positions 0 .. kv_len - 1 in the model's dtype."""
+    `set_step(rows, positions, kv_len)` names the rows taking part (a slice, or an int64 tensor [b]), where this
+    step's tokens go ([b, t] positions) and how many cached positions to return; layer i's `views[i].update`
+    writes the step's latents and returns [c_kv ; k_rope] for positions 0 .. kv_len - 1 in the model's dtype."""
 
     def __init__(self, n_layers: int, max_batch: int, max_seq_len: int, kv_lora_rank: int, rope_dim: int,
                  kind: str, model_dtype: torch.dtype, device):

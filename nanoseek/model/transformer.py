@@ -35,11 +35,9 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """N(0, initializer_range) for every matrix, ones for norms, zero biases and router biases.
 
-        With a `seed` (the training path, nanoseek.distributed.build_model): every parameter, each routed expert
-        separately, from its own generator seeded by (seed, name, expert), so the values do not depend on how the
-        model is sharded; works on plain tensors and on DTensor shards after parallelisation
-        (nanoseek/model/init.py). Without one (a plainly constructed model): torch's global generator, module by
-        module, as nn.init does, so torch.manual_seed decides the weights."""
+        With a `seed` (the training path, nanoseek.distributed.build_model): shard-invariant values, on plain tensors
+        or DTensor shards (nanoseek/model/init.py). Without one (a plainly constructed model): torch's global
+        generator, module by module, as nn.init does, so torch.manual_seed decides the weights."""
         std = self.config.initializer_range
         if seed is not None:
             init_parameters_(self, seed, std)

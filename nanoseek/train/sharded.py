@@ -203,7 +203,6 @@ def export_pretrained(path: str, out: str, max_shard_bytes: int = 5 * 2**30) -> 
     the tensors are planned into safetensors shards from DCP's metadata, then each shard is read from the
     checkpoint, written and freed, so at most one shard (max_shard_bytes) is in memory, never the whole model.
     Runs in one process without a process group."""
-
     cfg = ModelConfig.from_json(os.path.join(path, "config.json"))
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     entries = []  # (transformers key, DCP key)
