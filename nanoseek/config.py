@@ -200,10 +200,9 @@ class ModelConfig:
             if rs.get("rope_type", rs.get("type")) == "default":
                 rs = None
             d["rope_scaling"] = rs
-        if "dtype" in d and "torch_dtype" not in d:
-            d["torch_dtype"] = d["dtype"]
-        d.pop("dtype", None)
-        if d.get("torch_dtype") is None:
+        dtype = d.pop("dtype", None)
+        d["torch_dtype"] = d.get("torch_dtype", dtype)
+        if d["torch_dtype"] is None:
             d["torch_dtype"] = "bfloat16"
         if d.get("q_lora_rank") == 0:
             d["q_lora_rank"] = None

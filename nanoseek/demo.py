@@ -146,7 +146,7 @@ def run(dc: DemoConfig) -> dict:
 
     student = _distill_stage(stage, dc, data, teacher, task)
     models["student (distilled)"] = student["scores"]
-    served = _serve_stage(stage, dc, teacher)
+    served = _serve_stage(stage, dc, teacher, task)
     check = _transformers_stage(stage, student["model"])
 
     with stage("report", os.path.join(dc.out, "report.md")):
@@ -188,7 +188,7 @@ def _distill_stage(stage: Stages, dc: DemoConfig, data: str, teacher: str, task)
         return {"model": os.path.join(sc.out, "latest"), "scores": scores, "traces_kept": gen.get("kept")}
 
 
-def _serve_stage(stage: Stages, dc: DemoConfig, model_dir: str) -> dict:
+def _serve_stage(stage: Stages, dc: DemoConfig, model_dir: str, task) -> dict:
     """`nanoseek serve` in a child process, one question through the openai client, then the server stopped."""
     if not dc.serve:
         return {}
@@ -197,7 +197,6 @@ def _serve_stage(stage: Stages, dc: DemoConfig, model_dir: str) -> dict:
     except ImportError:
         print("[6/8] serve: skipped (the serve and test extras are not installed)")
         return {}
-    task = hard_task(4)
     example = task.sample(1, "test", seed=7)[0]
     question = example.prompt
     with stage("serve", f"nanoseek serve on the R1-Zero model; asking {question!r} through the openai client"):

@@ -76,8 +76,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
-    """maj@k for one problem: is the most frequent extracted answer right? `answers[i]` is sample i's extracted
-    answer (None if it gave none), `correct[i]` whether sample i was verified right. Ties: first seen wins."""
+    """maj@k for one problem (see the module docstring): `answers[i]` is sample i's extracted answer or None,
+    `correct[i]` whether sample i was verified right."""
     votes = Counter(a for a in answers if a is not None)
     if not votes:
         return False

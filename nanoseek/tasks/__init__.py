@@ -54,11 +54,8 @@ def split_of(key: str, test_percent: int = TEST_PERCENT) -> str:
 
 
 class Task:
-    """Base class of the task families. Subclasses implement `generate(rng)`, `key(example)` and `check`.
-
-    `sample` draws i.i.d. problems from the generator and keeps those of the requested split (rejection on the
-    hash bucket), so the draw is deterministic in (task settings, split, seed) and the splits never overlap.
-    """
+    """Base class of the task families. Subclasses implement `generate(rng)`, `key(example)` and `check`;
+    `sample` keeps the generator's problems of the requested split (deterministic in task settings, split, seed)."""
 
     name = "task"
 
