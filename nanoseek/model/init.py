@@ -4,9 +4,8 @@ size, expert-parallel degree or sharding, and a rank can draw just the part it s
 
 Parameters may be plain tensors or DTensors (FSDP2 shards, torch.distributed.tensor): a DTensor is filled with
 its local slice of the value the unsharded parameter would have. Routed experts are drawn one expert at a time, so
-no rank ever holds more than one unsharded non-expert parameter or one expert's matrix beside its own shards.
-Expert modules say which global expert their first row is through `first_expert` (0 for the whole
-GroupedExperts, the offset of this rank's experts under expert parallelism).
+no rank ever holds more than one unsharded non-expert parameter or one expert's matrix beside its own shards; an
+expert module's `first_expert` says which global expert its first row is.
 """
 
 from __future__ import annotations

@@ -7,10 +7,8 @@ their rows are freed, and the loop serves on. The loop dies (/health 503, every 
 cannot go on: the failure was not an ordinary Exception, the rows could not be recovered, or MAX_FAILED_STEPS steps
 failed in a row (a broken device rather than one bad request).
 
-Metric names are vLLM's (so its dashboards read them): vllm:num_requests_running, vllm:num_requests_waiting,
-vllm:kv_cache_usage_perc, vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total (tokens; a GRPO-style
-group member copying its leader's prompt counts as a hit), vllm:prompt_tokens_total, vllm:generation_tokens_total,
-vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds.
+Metric names are vLLM's (see Metrics), so its dashboards read them. Prefix-cache hits count tokens; a GRPO-style
+group member copying its leader's prompt counts as a hit.
 """
 
 from __future__ import annotations
