@@ -5,21 +5,9 @@ from __future__ import annotations
 
 import sys
 
-from nanoseek.cli.common import (
-    add_config_flags,
-    add_output_flags,
-    config_from_args,
-    parser,
-    report,
-)
-from nanoseek.train.distill import (
-    KL_MODES,
-    GenerateConfig,
-    OnPolicyConfig,
-    format_yield,
-    generate_traces,
-    train_onpolicy,
-)
+from nanoseek.cli.common import add_config_flags, add_output_flags, config_from_args, parser, report
+from nanoseek.train.distill import (KL_MODES, GenerateConfig, OnPolicyConfig, format_yield, generate_traces,
+                                    train_onpolicy)
 
 GENERATE_HELP = {
     "teacher": "teacher checkpoint (with tokenizer.json), e.g. an RL model",

@@ -10,22 +10,10 @@ checkpoint (which needs only the dequantiser) does not pull in the model or the 
 explains the recipe.
 """
 
-from nanoseek.fp8.numerics import (
-                                   BLOCK,
-                                   FP8_DTYPE,
-                                   FP8_MAX,
-                                   QUANTIZATION_CONFIG,
-                                   dequantize_act,
-                                   dequantize_checkpoint_weight,
-                                   dequantize_weight,
-                                   fp8_matmul,
-                                   is_fp8_checkpoint_weight,
-                                   quantize_act,
-                                   quantize_checkpoint_weight,
-                                   quantize_tensorwise,
-                                   quantize_weight,
-                                   scaled_mm_supported,
-)
+from nanoseek.fp8.numerics import (BLOCK, FP8_DTYPE, FP8_MAX, QUANTIZATION_CONFIG, dequantize_act,
+                                   dequantize_checkpoint_weight, dequantize_weight, fp8_matmul,
+                                   is_fp8_checkpoint_weight, quantize_act, quantize_checkpoint_weight,
+                                   quantize_tensorwise, quantize_weight, scaled_mm_supported)
 from nanoseek.fp8.recipe import FP8Recipe
 
 __all__ = ["BLOCK", "FP8_DTYPE", "FP8_MAX", "QUANTIZATION_CONFIG", "FP8Recipe", "dequantize_act",

@@ -6,15 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.fp8.numerics import (
-    BLOCK,
-    _cdiv,
-    fp8_matmul,
-    quantize_act,
-    quantize_tensorwise,
-    quantize_weight,
-    resolve_backend,
-)
+from nanoseek.fp8.numerics import (BLOCK, _cdiv, fp8_matmul, quantize_act, quantize_tensorwise, quantize_weight,
+                                   resolve_backend)
 
 GRANULARITIES = ("block", "tensor")
 BACKENDS = ("auto", "emulate", "scaled_mm")

@@ -52,13 +52,7 @@ from nanoseek.plot import plot_series
 from nanoseek.tasks import SYSTEM_PROMPT, rewards
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import grpo
-from nanoseek.train.distill_loss import (
-    KL_MODES,
-    exact_loss,
-    masked_mean,
-    sampled_reverse_kl,
-    token_divergence,
-)
+from nanoseek.train.distill_loss import KL_MODES, exact_loss, masked_mean, sampled_reverse_kl, token_divergence
 from nanoseek.train.loop import Run, lr_at, make_optimizer
 from nanoseek.train.sft import load_conversations
 from nanoseek.train.teacher import check_same_tokenizer
