@@ -97,8 +97,6 @@ def summary(c: ModelConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------- memory per rank
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_bf16": 4, "sgd": 0}  # per parameter: AdamW's two fp32 (or bf16) moments
-
-
 RECOMPUTE = ("none", "block", "selective")
 
 

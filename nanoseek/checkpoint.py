@@ -91,12 +91,12 @@ def save_pretrained(model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
                                quantization_config=None)
     if not os.path.exists(path):
         with atomic_directory(path) as tmp:
-            _write_weights(model, tmp, max_shard_bytes)
+            write_tensors(to_hf_state_dict(model), tmp, max_shard_bytes)
             cfg.to_json(os.path.join(tmp, "config.json"))
         return
     tmp = tempfile.mkdtemp(prefix=".save.", dir=path)
     try:
-        written = _write_weights(model, tmp, max_shard_bytes)
+        written = write_tensors(to_hf_state_dict(model), tmp, max_shard_bytes)
         for name in written:
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
         fsync_dir(path)
@@ -106,10 +106,6 @@ def save_pretrained(model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
         cfg.to_json(os.path.join(path, "config.json"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_weights(model, folder: str, max_shard_bytes: int) -> list[str]:
-    return write_tensors(to_hf_state_dict(model), folder, max_shard_bytes)
 
 
 def write_tensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: str, max_shard_bytes: int) -> list[str]:

@@ -116,7 +116,6 @@ class Engine:
                return_logits: bool = False) -> Iterator[TokenEvent]:
         """Yield TokenEvent(seq, token[, logits]) as tokens are produced, in order within each sequence. Each
         step yields at most one token per live sequence (speculative steps up to two: draft, then bonus).
-        Prompt i samples with seed request_seed(params.seed, i).
 
         speculative=True drafts one token per step with the first MTP module and verifies it together with the
         pending token in one forward of the main model; greedy only (temperature 0 or top_k 1), and the output

@@ -209,11 +209,6 @@ def update(model, ref_model, optimizer, ro: Rollouts, tc: GRPOConfig, guard: Non
         n_tok = sum(len(c) for c, t in zip(ro.completions, ro.truncated.tolist()) if not t)
     n_tok = max(n_tok, 1)
 
-    def batch_mask(sl, mask):
-        if tc.mask_truncated:
-            mask = mask & ~ro.truncated[sl].to(mask.device)[:, None]
-        return mask
-
     # pi_old and pi_ref log-probs, once per batch. With one epoch the first (and only) update happens at
     # pi_theta == pi_old, so old_logp is the update forward's own detached value and a forward is saved.
     old, ref = [], []
@@ -230,7 +225,8 @@ def update(model, ref_model, optimizer, ro: Rollouts, tc: GRPOConfig, guard: Non
         epoch_loss = 0.0
         for k, sl in enumerate(chunks):
             logp, mask, ent = completion_logprobs(model, ro.prompts[sl], ro.completions[sl], with_entropy=epoch == 0)
-            mask = batch_mask(sl, mask)
+            if tc.mask_truncated:
+                mask = mask & ~ro.truncated[sl].to(mask.device)[:, None]
             old_logp = old[k] if old else logp.detach()
             b = logp.shape[0]
             loss, st = policy_loss(logp, old_logp, adv[sl].to(logp.device), mask, tc.eps_low, tc.eps_high, tc.beta,
