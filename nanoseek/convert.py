@@ -1,7 +1,5 @@
 """`nanoseek convert`: rewrite a checkpoint directory, optionally in DeepSeek's released FP8 layout.
 
-    nanoseek convert --model DIR --out DIR [--fp8] [--dtype bf16|fp32]
-
 Without --fp8 the rewrite is exact: every tensor is cast to --dtype (default: the source's torch_dtype), and the
 router's gate and bias stay fp32 as nanoseek keeps them, so fp32 -> fp32 reproduces every bit.
 

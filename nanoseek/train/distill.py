@@ -192,16 +192,12 @@ def _fingerprint(gc: GenerateConfig, task) -> dict:
     return d
 
 
-def _read_lines(path: str) -> list[str]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [line for line in f if line.endswith("\n")]
-
-
 def _keep_lines(path: str, n: int) -> list[str]:
     """The first n complete lines of path; anything past them (a chunk a crash cut) is dropped from the file."""
-    lines = _read_lines(path)
+    lines = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.endswith("\n")]
     if len(lines) < n:
         raise ValueError(f"{path} has {len(lines)} lines but its progress file records {n}: it was edited or "
                          "truncated; delete it and its .progress.json to start over")
