@@ -82,8 +82,7 @@ class Engine:
         self.mtp_cache: LatentCache | None = None  # allocated on the first speculative request
         self.prefix_cache = PrefixCache(self.cache, prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.stats = SpecStats()
-        # ragged chunks prefill as one padded batch while its dense [B, T, S] mask has at most this many entries
-        self.prefill_mask_limit = 2**22
+        self.prefill_mask_limit = 2**22  # see prefill
         self.prefill_absorb = False  # see the module docstring
         self.scheduler = Scheduler(self, prefill_chunk or max_seq_len, prefill_budget)
         self.compiled = CompiledDecode(model, self.cache) if (compile_default() if compile is None else compile) else None
@@ -195,8 +194,8 @@ class Engine:
         starts[i] .. starts[i] + len - 1 and sees that row's cached keys before it. Returns the hidden state at
         each chunk's last token [k, d] and, where want_all[i], the chunk's hidden states [len_i, d] (else None).
 
-        Chunks run as one right-padded batch while its dense mask is small, else one at a time (a dense mask for
-        long ragged chunks costs B*T*S bytes and loses SDPA's causal fast path)."""
+        Chunks run as one right-padded batch while its dense [B, T, S] mask has at most prefill_mask_limit entries,
+        else one at a time (a dense mask for long ragged chunks costs B*T*S bytes and loses SDPA's causal fast path)."""
         k = len(rows)
         lens = [len(c) for c in chunks]
         T, S = max(lens), max(s + n for s, n in zip(starts, lens))

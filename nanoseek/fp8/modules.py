@@ -186,8 +186,7 @@ class FP8GroupedExperts(GroupedExperts):
 def convert_to_fp8(model: nn.Module, recipe: FP8Recipe | None = None, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """Swap, in place, every nn.Linear for an FP8Linear and every GroupedExperts for FP8GroupedExperts, sharing
     their Parameters (so optimizers and checkpoints see the same tensors). Modules whose last name is in `skip`
-    stay as they are: by default the output head, which V3 keeps in BF16 along with the embedding, MoE gate
-    (Router, not a Linear), norms and attention core (no Linear there), none of which are touched.
+    (by default the output head) stay as they are; nothing else V3 keeps in BF16 is a Linear or GroupedExperts.
     Returns the model; the converted names are logged and stored in model.fp8_modules."""
     recipe = recipe or FP8Recipe()
     converted = []

@@ -178,17 +178,13 @@ class GenerateConfig:
             raise ValueError("--temperature must be > 0 and --top-p in (0, 1]")
 
 
-def _task_id(task) -> str:
-    return json.dumps({k: v for k, v in sorted(vars(task).items())}, default=repr)
-
-
 def _fingerprint(gc: GenerateConfig, task) -> dict:
     """Everything that decides which lines are written, except num_prompts (a rerun may extend the run)."""
     d = dataclasses.asdict(gc)
     for k in ("out", "num_prompts", "all_out"):
         d.pop(k)
     d["teacher"] = os.path.abspath(gc.teacher)
-    d["task"] = f"{task.name}:{_task_id(task)}"
+    d["task"] = f"{task.name}:{json.dumps(dict(sorted(vars(task).items())), default=repr)}"  # and its settings
     return d
 
 
