@@ -49,8 +49,10 @@ def generate_batched(model, prompts: list[list[int]], params: SamplingParams, ba
     if not prompts:
         return []
     batch_size = min(batch_size, len(prompts))
+    # no compiled step for batches: it serves batch-1 decoding, and here only a chunk's last row ever decodes
+    # alone; compiling it (seconds, once per engine) costs more than it saves
     engine = Engine(model, max_batch_size=batch_size, max_seq_len=max(map(len, prompts)) + params.max_new_tokens,
-                    kv_cache_dtype=kv_cache_dtype)
+                    kv_cache_dtype=kv_cache_dtype, compile=None if batch_size == 1 else False)
     out: list[list[int]] = []
     for i, start in enumerate(range(0, len(prompts), batch_size)):
         chunk_params = dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)

@@ -7,7 +7,7 @@ from itertools import combinations
 
 import pytest
 
-from nanoseek import Transformer, tasks
+from nanoseek import ModelConfig, SamplingParams, Transformer, tasks
 from nanoseek import eval as eval_module
 from nanoseek.cli import main
 from nanoseek.eval import (EvalConfig, ProblemResult, completion_text, evaluate, majority_correct,
@@ -111,3 +111,23 @@ def test_eval_end_to_end_sampled_and_cli(tmp_path, capsys, monkeypatch):
         assert key in out
     assert set(out["curve"]) == {"1", "2", "4"} and (tmp_path / "k.png").stat().st_size > 0
     assert plot_curve(out, str(tmp_path / "again.png")).endswith("again.png")
+
+
+def test_batched_generation_does_not_compile(monkeypatch):
+    """generate_batched (evaluation, GRPO and distillation rollouts) builds its engine without the compiled batch-1
+    step even where compiling is on: only a batch's last row decodes alone, and a GRPO run paid seconds of compile
+    for it. One prompt at a time keeps the default."""
+    monkeypatch.setenv("NANOSEEK_COMPILE", "1")
+    built = []
+
+    class Recording(eval_module.Engine):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            built.append(self.compiled is not None)
+
+    monkeypatch.setattr(eval_module, "Engine", Recording)
+    model = Transformer(ModelConfig.from_preset("tiny").replace(num_hidden_layers=1, vocab_size=64)).eval()
+    params = SamplingParams(max_new_tokens=2, temperature=0.0)
+    eval_module.generate_batched(model, [[1, 2], [3, 4, 5]], params, batch_size=2)
+    eval_module.generate_batched(model, [[1, 2]], params, batch_size=2)
+    assert built == [False, True]
