@@ -2,7 +2,8 @@
 
 The blocks (MTP modules last) are split into contiguous stages (accounting.pipeline_stages); each rank runs one
 stage (1F1B) or two (interleaved 1F1B: stages r and r + pp; DualPipeV: stages r and 2 pp - 1 - r, the V shape that
-puts the first and last stages, embedding and head, on one rank as DeepSeek-V3's DualPipe does). Within a stage,
+puts the first and last stages, embedding and head, on one rank as DeepSeek-V3's DualPipe does; its stages run
+full backwards, full_backward_stage, and evaluate by a forward pass of their own, v_forward). Within a stage,
 the stage's ranks are an ordinary (dp, ep) layout: FSDP and expert parallelism as in nanoseek.distributed.
 
 What travels between stages: the hidden state and, when MTP is trained, the embedding of the next tokens
@@ -14,9 +15,11 @@ its experts' tokens per micro-batch for the bias update.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -181,6 +184,29 @@ def stage_layout(cfg: ModelConfig, schedule: str, pp: int, pp_rank: int):
     return num_stages, stages, sorted(b for _, blocks, _, _ in stages for b in blocks)
 
 
+@functools.cache
+def full_backward_stage():
+    """PipelineStage whose backward is always the full one (input and weight gradients together); DualPipeV runs
+    its stages with it. torch splits a backward into I (input gradients) and a later W (weight gradients) over the
+    parameters the stage module lists when I runs, but a block FSDP resharded after its forward lists its sharded
+    parameters then, not the unsharded ones in the autograd graph, so W silently dropped that micro-batch's
+    gradient for every such block (seen on the MTP module, alone in the last stage with the head). W is then empty
+    (the schedule keeps its V order, without deferring weight gradients into bubbles); the data-parallel gradient
+    sync still runs once per step: torch's REDUCE_GRAD action after the stage's last backward, or in older torch
+    inside the call flagged `last_backward`, which may be a W: that one still passes the flag on."""
+    from torch.distributed.pipelining import PipelineStage
+
+    class FullBackwardStage(PipelineStage):
+        def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
+            super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=True, last_backward=last_backward)
+
+        def backward_weight_one_chunk(self, bwd_chunk_id, last_backward=False):
+            if last_backward and self.has_backward:  # no weight gradient left to compute: only the sync, if any
+                self.backward_maybe_with_nosync("weight", {"param_groups": []}, last_backward=True)
+
+    return FullBackwardStage
+
+
 def make_schedule(schedule: str, stages: list, n_microbatches: int, loss_fn):
     from torch.distributed import pipelining as pl
 
@@ -192,6 +218,33 @@ def make_schedule(schedule: str, stages: list, n_microbatches: int, loss_fn):
         raise ValueError(f"--pp-schedule dualpipev needs torch.distributed.pipelining.ScheduleDualPipeV (torch >= "
                          f"2.9; this is {torch.__version__}): use 1f1b or interleaved")
     return pl.ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn)
+
+
+def v_forward(stages: list[Stage], indices: list[int], pp: int, group, x: torch.Tensor):
+    """Forward only through DualPipeV's V-shaped stages (torch's ScheduleDualPipeV has no forward-only step), the
+    whole batch stage after stage with point-to-point send / recv on the pipeline group: rank r runs stage r and
+    sends its outputs to rank r + 1, rank pp - 1 runs stages pp - 1 and pp, and the way back down ends on rank 0,
+    whose last stage's output is returned (None on the other ranks). `x`: the token ids, used by stage 0."""
+    def owner(s):
+        return s if s < pp else 2 * pp - 1 - s
+
+    me, out = owner(indices[0]), ()
+    for st, s in zip(stages, indices):  # stage r, then 2 pp - 1 - r: in the order the data flows
+        if st.first:
+            args = (x,)
+        elif owner(s - 1) == me:  # the V's turn, on rank pp - 1
+            args = out
+        else:
+            shapes, _ = stage_io(st.cfg, False, st.last, st.use_mtp, x.shape[0], x.shape[1])
+            args = tuple(torch.empty(t.shape, dtype=t.dtype, device=x.device) for t in shapes)
+            for t in args:
+                dist.recv(t, group=group, group_src=owner(s - 1))
+        out = st(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        if not st.last and owner(s + 1) != me:
+            for t in out:
+                dist.send(t.contiguous(), group=group, group_dst=owner(s + 1))
+    return out[0] if stages[-1].last else None
 
 
 # ------------------------------------------------------------------------------------------ a rank's pipeline run
@@ -212,6 +265,7 @@ class RankPipeline:
     moe_rows: list[list[int]]  # per stage of this rank: its MoE layers' rows in the global counts
     has_first: bool
     has_last: bool
+    forward_only: object = None  # x -> last stage's output or None, for a schedule without eval() (v_forward)
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a global batch (the stage's ranks split it; every stage sees the same batch)."""
@@ -237,10 +291,6 @@ def build_rank_pipeline(tc, cfg: ModelConfig, info, recipe=None) -> RankPipeline
         raise ValueError(f"--batch-size {tc.batch_size} must split into {stage_size} ranks per stage x {n_micro} "
                          "pipeline micro-batches")
     use_mtp = tc.mtp_lambda > 0 and cfg.num_nextn_predict_layers > 0
-    if use_mtp and tc.pp_schedule == "dualpipev":  # its split input / weight backward loses part of the MTP
-        # embedding's gradient (tested: 1e-3 off the 1-process gradient norm; exact without MTP)
-        raise ValueError("--pp-schedule dualpipev with MTP is not supported yet: use --mtp-lambda 0, or 1f1b / "
-                         "interleaved")
     num_stages, layout, blocks = stage_layout(cfg, tc.pp_schedule, tc.pp, pp_rank)
     has_first, has_last = any(f for _, _, f, _ in layout), any(la for _, _, _, la in layout)
     with torch.device("meta"):
@@ -259,21 +309,24 @@ def build_rank_pipeline(tc, cfg: ModelConfig, info, recipe=None) -> RankPipeline
     pipe_stages = []
     for st, (s, _, first, last) in zip(stages, layout):
         inputs, outputs = stage_io(cfg, first, last, use_mtp, mb, tc.seq_len)
-        pipe_stages.append(PipelineStage(st, s, num_stages, info.device, input_args=inputs, output_args=outputs,
-                                         group=mesh["pp"].get_group()))
+        stage_cls = full_backward_stage() if tc.pp_schedule == "dualpipev" else PipelineStage
+        pipe_stages.append(stage_cls(st, s, num_stages, info.device, input_args=inputs, output_args=outputs,
+                                     group=mesh["pp"].get_group()))
     parts: list = []
     evaluating = {"on": False}
     schedule = make_schedule(tc.pp_schedule, pipe_stages, n_micro, loss_fn_for(tc.mtp_lambda, parts, evaluating))
-    if tc.eval_every and tc.pp_schedule == "dualpipev":  # torch's DualPipeV runs no forward-only step
-        raise ValueError("--pp-schedule dualpipev cannot evaluate yet: set --eval-every 0, or use 1f1b / interleaved")
-    if tc.eval_every and not hasattr(schedule, "eval"):
+    forward_only = None
+    if tc.pp_schedule == "dualpipev":
+        forward_only = functools.partial(v_forward, stages, [s for s, _, _, _ in layout], tc.pp,
+                                         mesh["pp"].get_group())
+    elif tc.eval_every and not hasattr(schedule, "eval"):
         raise ValueError(f"evaluation with --pp needs the pipeline schedules' eval() (torch >= 2.7; this is "
                          f"{torch.__version__}): set --eval-every 0")
     moe_blocks = [i for i in range(cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if use_mtp else 0))
                   if cfg.is_moe_layer(i)]
     moe_rows = [[moe_blocks.index(i) for i in b if i in moe_blocks] for _, b, _, _ in layout]
     return RankPipeline(rank_model, stages, schedule, parts, evaluating, info.device, stage_size,
-                        info.rank % stage_size, n_micro, len(moe_blocks), moe_rows, has_first, has_last)
+                        info.rank % stage_size, n_micro, len(moe_blocks), moe_rows, has_first, has_last, forward_only)
 
 
 def train_step(rp: RankPipeline, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
@@ -321,7 +374,7 @@ def evaluate(rp: RankPipeline, val, batch_size: int, eval_batches: int) -> float
             pad = batch_size - x.shape[0]
             x, y = (torch.cat([t, t[:1].expand(pad, -1)]) for t in (x, y))
             x, y, real = rp.local(x), rp.local(y), rp.local(real)
-            out = rp.run(rp.schedule.eval, x, y)
+            out = rp.forward_only(x) if rp.forward_only else rp.run(rp.schedule.eval, x, y)
             if rp.has_last:  # the last stage's outputs, micro-batches merged back into this rank's batch
                 logits, _ = split_loss(out, y.shape[1])
                 total += F.cross_entropy(logits[real].flatten(0, 1).float(), y[real].flatten(),

@@ -373,13 +373,15 @@ def test_four_process_pipeline_follows_the_one_process_run(data_dir, reference, 
     assert_same_run(reference, tmp_path / "resumed")
 
 
-def test_dualpipev_follows_the_one_process_run_without_mtp(data_dir, tmp_path):
+def test_dualpipev_follows_the_one_process_run(data_dir, reference, tmp_path):
     """DeepSeek's V-shaped schedule (torch's ScheduleDualPipeV) on 2 processes: each rank holds two stages, rank 0
-    the first and the last. MTP and evaluation are refused there for now (see pretrain._train_pipeline)."""
-    cfg = dict(mtp_lambda=0.0, eval_every=0)
-    run_pretrain(base_config(data_dir, tmp_path / "one", **cfg), 1)
-    run_pretrain(base_config(data_dir, tmp_path / "v", pp=2, pp_schedule="dualpipev", pp_microbatches=4, **cfg), 2)
-    assert_same_run(tmp_path / "one", tmp_path / "v")
+    the first (embedding) and the last (head and MTP module, which gets the next tokens' embedding down the V).
+    Training with MTP and the balance loss, and evaluation (a forward-only pass through the V), follow the
+    1-process run within 1e-4."""
+    v = tmp_path / "v"
+    run_pretrain(base_config(data_dir, v, pp=2, pp_schedule="dualpipev", pp_microbatches=4, save_every=0), 2)
+    assert_same_run(reference, v)
+    assert sum("val_loss" in r for r in read_metrics(str(v))) == 2 and read_metrics(str(v))[0]["mtp_loss"] > 0
 
 
 # ------------------------------------------------------------------------------------------ memory planner
