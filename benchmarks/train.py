@@ -3,8 +3,9 @@ layer against a dense SwiGLU of equal active FLOPs, and achieved FLOP/s against 
 
     python benchmarks/train.py [--preset small] [--batch 4] [--seq 256] [--steps 5] [--threads N] [--json]
 
-Both models train in fp32 with AdamW (same hyperparameters); the step is forward + backward + optimizer step on
-next-token cross-entropy. nanoseek's MTP module is switched off so both do the same work.
+Both models train in fp32 with fused AdamW (nanoseek's make_optimizer; the transformers Trainer's default); the
+step is forward + backward + optimizer step on next-token cross-entropy. nanoseek's MTP module is switched off so
+both do the same work.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from nanoseek import ModelConfig, Transformer  # noqa: E402
 from nanoseek.accounting import param_counts  # noqa: E402
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
+from nanoseek.train.loop import make_optimizer  # noqa: E402
 
 
 def timed(fn, steps: int, warmup: int = 1) -> float:
@@ -74,8 +76,10 @@ def main() -> None:
                                                                    attn_implementation="sdpa").train()
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     y = torch.roll(x, -1, 1)
-    opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_b = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+    # each side's own optimizer: nanoseek's training loops' (fused AdamW), and the transformers Trainer's default
+    # for torch >= 2.8 ("adamw_torch_fused")
+    opt_a = make_optimizer(ours, lr=1e-4)
+    opt_b = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True)
     with torch.no_grad():  # same weights, same function
         same = float((ours(x) - theirs(x).logits).abs().max())
     t_ours = timed(lambda: train_step(ours, opt_a, x, y, lambda m, i: m(i)), args.steps)
