@@ -35,7 +35,7 @@ def test_fast_step_same_tokens_as_plain_batch1(kind):
         t_plain, l_plain = stream_tokens_and_logits(plain, [prompt], GREEDY)
         assert t_fast == t_plain
         assert rel_err(l_fast[0], l_plain[0]) < 1e-5
-    assert fast.compiled.compile_seconds is not None  # the fast step did run
+    assert "step" in fast.compiled.kinds  # the fast step did run
 
 
 def test_ragged_batch_shrinking_to_one_row():
@@ -48,7 +48,7 @@ def test_ragged_batch_shrinking_to_one_row():
     p = SamplingParams(12, temperature=0, stop_token_ids=stops)
     fast = fast_engine()
     assert fast.generate(PROMPTS, p) == plain_engine().generate(PROMPTS, p)
-    assert fast.compiled.compile_seconds is not None
+    assert "step" in fast.compiled.kinds
 
 
 def test_compiler_failure_warns_once_and_decodes_eagerly():
@@ -91,7 +91,7 @@ def test_compiled_step_same_tokens_as_plain():
         t_plain, l_plain = stream_tokens_and_logits(plain, [prompt], GREEDY)
         assert t_fast == t_plain
         assert rel_err(l_fast[0], l_plain[0]) < 1e-4
-    assert not fast.compiled.failed and fast.compiled.compile_seconds > 0
+    assert not fast.compiled.failed and "step" in fast.compiled.kinds
     assert fast.generate(PROMPTS, GREEDY) == plain.generate(PROMPTS, GREEDY)  # ragged: plain path, then fast
 
 
@@ -110,4 +110,4 @@ def test_fast_speculative_same_tokens_as_plain(compiled):
         expect = plain.generate([prompt], p)
         assert fast.generate([prompt], p, speculative=True) == expect
         assert 0 < fast.stats.accepted < fast.stats.drafted
-    assert "speculate" in fast.compiled._kinds and not fast.compiled.failed
+    assert "speculate" in fast.compiled.kinds and not fast.compiled.failed

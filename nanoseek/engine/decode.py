@@ -196,9 +196,10 @@ class CompiledDecode:
     """The engine's compiled decode steps at batch 1: plain decoding (one new token, decode_forward) and
     self-speculative verification (two, then the MTP module's draft: speculate_forward).
 
-    `compile_seconds` sums the first step of each kind (when the compiler traces and builds its kernels), paid once
-    per engine; later steps only run them. If compilation or a compiled step fails, one warning says so and the
-    engine decodes with its plain path from then on (`failed` set)."""
+    `compile_seconds` sums the steps that compiled (each kind's first, when the compiler traces and builds its
+    kernels, and one more past 4,096 cached tokens: _run), paid once per engine; later steps only run them. If
+    compilation or a compiled step fails, one warning says so and the engine decodes with its plain path from then
+    on (`failed` set). `kinds` names the steps that have run compiled ("step", "speculate")."""
 
     def __init__(self, model, cache):
         self.model, self.cache, self.cfg = model, cache, model.config
@@ -220,7 +221,7 @@ class CompiledDecode:
                                     head_norm=mtp.shared_head.norm.weight.detach())
         self.failed = False
         self.compile_seconds: float | None = None
-        self._kinds: set = set()
+        self.kinds: set[str] = set()
         # static shapes except the cached length, marked dynamic per call (_caches)
         self._decode = torch.compile(decode_forward)
         self._spec = torch.compile(speculate_forward)
@@ -229,10 +230,14 @@ class CompiledDecode:
         return (self.supported and not self.failed and (self.mtp_supported or not speculative)
                 and isinstance(rows, slice) and rows.stop - rows.start == 1)
 
-    def _run(self, kind, fn, *args):
-        """fn(*args), timing the first call of each kind as compile time; None after a failure (the caller then runs
-        its plain path, which rewrites the same cache positions)."""
-        t0 = time.perf_counter()
+    def _run(self, kind: str, fn, *args):
+        """fn(*args), timing every call that compiled as compile time; None after a failure (the caller then runs
+        its plain path, which rewrites the same cache positions). Besides each kind's first call, the compiler
+        specialises once more when the cached length first passes 4,096 (inductor sums longer fp32 reductions, the
+        softmax's, in chunks, a different kernel), so a long context pays a second compile, once."""
+        from torch._dynamo.utils import counters  # compiled frames so far: did this call compile?
+
+        compiles, t0 = counters["frames"]["ok"], time.perf_counter()
         try:
             out = fn(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: decode eagerly
@@ -240,9 +245,9 @@ class CompiledDecode:
             warnings.warn(f"nanoseek: compiling the decode step failed ({type(e).__name__}: {str(e)[:200]}); "
                           "decoding eagerly (NANOSEEK_COMPILE=0 skips the attempt)", RuntimeWarning, stacklevel=4)
             return None
-        if kind not in self._kinds:
-            self._kinds.add(kind)
+        if counters["frames"]["ok"] > compiles:
             self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - t0
+        self.kinds.add(kind)
         return out
 
     @staticmethod
@@ -262,7 +267,7 @@ class CompiledDecode:
 
     def __call__(self, rows: slice, n: int, tokens: torch.Tensor) -> torch.Tensor | None:
         """Feed tokens [1, t] at positions n .. n+t-1 of cache row `rows`; fp32 logits [t, vocab] (None: failed)."""
-        out = self._run(("step", tokens.shape[1]), self._decode, *self._inputs(rows, n, tokens), self.cfg)
+        out = self._run("step", self._decode, *self._inputs(rows, n, tokens), self.cfg)
         return None if out is None else out[1]
 
     def speculate(self, rows: slice, n: int, pending: torch.Tensor, draft: torch.Tensor, mtp_cache):
@@ -270,5 +275,4 @@ class CompiledDecode:
         (its latents go to `mtp_cache`). Returns what spec_step returns, or None after a failure."""
         tokens = torch.stack([pending, draft], dim=1)
         (mtp_c,), (mtp_k,) = self._caches(mtp_cache, rows, n + 2)
-        return self._run("speculate", self._spec, *self._inputs(rows, n, tokens), mtp_c, mtp_k, self.mtp_weights,
-                         self.cfg)
+        return self._run("speculate", self._spec, *self._inputs(rows, n, tokens), mtp_c, mtp_k, self.mtp_weights, self.cfg)

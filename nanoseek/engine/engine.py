@@ -95,8 +95,9 @@ class Engine:
 
     @property
     def compile_seconds(self) -> float | None:
-        """Seconds the first compiled decode step of each kind took (plain, speculative: tracing and building kernels,
-        once per engine); None before the first or when compilation is off."""
+        """Seconds the compiled decode steps spent compiling (each kind's first step, plain and speculative, and the
+        first past 4,096 cached tokens; once per engine); None while nothing compiled: before the first step, with
+        compilation off, or when an earlier engine in this process compiled the same step."""
         return None if self.compiled is None else self.compiled.compile_seconds
 
     def kv_cache_bytes_per_token(self) -> int:
