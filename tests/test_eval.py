@@ -127,7 +127,7 @@ def test_batched_generation_does_not_compile(monkeypatch):
 
     monkeypatch.setattr(eval_module, "Engine", Recording)
     model = Transformer(ModelConfig.from_preset("tiny").replace(num_hidden_layers=1, vocab_size=64)).eval()
-    params = SamplingParams(max_new_tokens=2, temperature=0.0)
+    params = SamplingParams(max_new_tokens=1, temperature=0.0)  # prefill only: nothing actually compiles here
     eval_module.generate_batched(model, [[1, 2], [3, 4, 5]], params, batch_size=2)
     eval_module.generate_batched(model, [[1, 2]], params, batch_size=2)
     assert built == [False, True]
