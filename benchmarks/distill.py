@@ -79,9 +79,14 @@ def student_base(args) -> str:
     out = os.path.join(args.out, "nano_base")
     if latest_checkpoint(out) is None:
         preset = "nano" if args.student_head == "tied" else "nano-untied"
+        overrides = None
+        if args.student_mlp:  # the preset with another MLP width, as the config.json pretraining builds from
+            os.makedirs(args.out, exist_ok=True)
+            overrides = os.path.join(args.out, "student_config.json")
+            ModelConfig.from_preset(preset).replace(intermediate_size=args.student_mlp).to_json(overrides)
         tc = pretrain.TrainConfig(preset=preset, data=os.path.join(args.r1zero, "data"), out=out,
                                   steps=args.student_pretrain_steps, batch_size=16, seq_len=128, lr=3e-3, eval_every=0,
-                                  seed=0)
+                                  seed=0, config=overrides)
         pretrain.train(tc, progress=not args.json)
     return os.path.join(out, "latest")
 
@@ -135,6 +140,8 @@ def main() -> None:
     p.add_argument("--student-head", choices=["tied", "untied"], default="tied",
                    help="nano's output head: tied (the preset, 0.31x the teacher's active parameters) or its own "
                         "(0.34x; the demo's student, see benchmarks/student_seeds.py)")
+    p.add_argument("--student-mlp", type=int, default=0,
+                   help="the student's MLP width (0: the preset's, 256); 240 puts the untied student at 0.33x")
     # K=2 over 800 prompts rather than K=4 over 400 (same teacher cost): at T 0.6 the teacher's chain for a problem
     # is nearly always the same text, so the duplicate filter keeps ~1 trace a prompt whatever K is (pilot: 374
     # unique of 1287 correct at K=4); more prompts give more distinct traces.

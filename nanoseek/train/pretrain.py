@@ -64,7 +64,7 @@ class TrainConfig:
     fp8: str | None = None  # None, "block" (V3's 1x128 / 128x128 scaling) or "tensor" (one scale per tensor)
     resume: bool = False
     max_bad_steps: int = 5
-    config: str | None = None  # a config.json whose fields override the preset (vocab_size comes from the data)
+    config: str | None = None  # a config.json used instead of the preset (vocab_size still comes from the data)
     ep: int = 1  # expert-parallel degree under torchrun (routed experts split over groups of ep ranks)
     pp: int = 1  # pipeline stages under torchrun (nanoseek/pipeline.py)
     pp_schedule: str = "1f1b"  # 1f1b, interleaved or dualpipev
