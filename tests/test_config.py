@@ -117,18 +117,21 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_info_cli_json_and_table(tmp_path):
-    out = run_cli("info", "v3", "--json")
+def test_info_cli_json_and_table(tmp_path, capsys):
+    from nanoseek.cli import main
+    out = run_cli("info", "v3", "--json")  # the real command line once; the other cases in-process
     assert out.returncode == 0
     d = json.loads(out.stdout.strip().splitlines()[-1])
     assert d["total_params"] == param_counts(ModelConfig.from_preset("v3"))["total_params"]
     assert set(d["kv_cache_bytes_per_token"]) >= {"mla", "mha", "gqa8"} and d["kv_cache_bytes_per_token"]["mla"] == 70272
     assert {"active_params", "mtp_params"} <= set(d)
     ModelConfig.from_preset("tiny").to_json(tmp_path / "config.json")
-    table = run_cli("info", str(tmp_path))
-    assert table.returncode == 0 and "MLA latent" in table.stdout and "active per token" in table.stdout
-    bad = run_cli("info", "nope")
-    assert bad.returncode != 0 and "neither a preset" in bad.stderr
+    main(["info", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "MLA latent" in table and "active per token" in table
+    with pytest.raises(SystemExit) as bad:
+        main(["info", "nope"])
+    assert bad.value.code != 0 and "neither a preset" in capsys.readouterr().err
 
 
 def test_info_plans_memory_per_rank(capsys):
