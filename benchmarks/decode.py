@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nanoseek import ModelConfig, Transformer  # noqa: E402
+from nanoseek.config import PRESETS  # noqa: E402
 from nanoseek.engine import Engine, SamplingParams  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -165,15 +166,39 @@ def _spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "q1": q(0.25), "q3": q(0.75)}
 
 
+def step_costs(engine: Engine, n: int, repeats: int = 30) -> dict:
+    """Median seconds of one compiled batch-1 step at `n` cached tokens: a plain decoding step and a speculative
+    one (verify two tokens, run the MTP block, draft). Writes cache positions n, n + 1 of row 0 (scratch)."""
+    c, rows = engine.compiled, slice(0, 1)
+    one, pend, draft = torch.tensor([[5]]), torch.tensor([5]), torch.tensor([6])
+    steps = {"plain": lambda: c(rows, n, one), "speculative": lambda: c.speculate(rows, n, pend, draft, engine.mtp_cache)}
+    out = {}
+    with torch.inference_mode():
+        for name, f in steps.items():
+            ts = []
+            for _ in range(repeats + 3):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            out[name] = statistics.median(ts[3:])
+    return out
+
+
 def time_speculative(ckpt: str, prompt: str, new_tokens: int, repeats: int) -> dict:
     """Greedy decoding of one prompt from a trained checkpoint with an MTP module, plain and self-speculative.
     One untimed call of each first (cache allocation, kernel choice), then `repeats` timed pairs, alternating so
-    that a change in machine load hits both; reports the median and spread of each and of the per-pair ratio."""
-    from nanoseek.tokenizer import load_tokenizer
-    tok = load_tokenizer(ckpt)
-    model = Transformer.from_pretrained(ckpt).eval()
-    engine = Engine(model, max_batch_size=1, max_seq_len=len(tok.encode(prompt)) + new_tokens + 16)
-    prompts = [tok.encode(prompt, add_bos=True)]
+    that a change in machine load hits both; reports the median and spread of each and of the per-pair ratio.
+    `ckpt` may also name a preset (random weights, a random 256-token prompt): then the step costs are what
+    matters, since a random MTP module's drafts are almost never accepted."""
+    if ckpt in PRESETS:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_preset(ckpt)).eval()
+        prompts = [torch.randint(2, model.config.vocab_size, (256,)).tolist()]
+    else:
+        from nanoseek.tokenizer import load_tokenizer
+        model = Transformer.from_pretrained(ckpt).eval()
+        prompts = [load_tokenizer(ckpt).encode(prompt, add_bos=True)]
+    engine = Engine(model, max_batch_size=1, max_seq_len=len(prompts[0]) + new_tokens + 16)
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     plain = engine.generate(prompts, greedy)
     spec = engine.generate(prompts, greedy, speculative=True)
@@ -186,7 +211,8 @@ def time_speculative(ckpt: str, prompt: str, new_tokens: int, repeats: int) -> d
         t0 = time.perf_counter()
         engine.generate(prompts, greedy, speculative=True)
         t_spec.append(time.perf_counter() - t0)
-    return {"identical": plain == spec, "acceptance_rate": acceptance, "repeats": repeats,
+    costs = step_costs(engine, len(prompts[0])) if "speculate" in getattr(engine.compiled, "kinds", ()) else None
+    return {"identical": plain == spec, "acceptance_rate": acceptance, "repeats": repeats, "step_costs_s": costs,
             "compiled": engine.compiled is not None and "speculate" in engine.compiled.kinds and not engine.compiled.failed,
             "compile_s": engine.compile_seconds,
             "plain_s": _spread(t_plain), "speculative_s": _spread(t_spec),
@@ -207,7 +233,8 @@ def main(argv=None):
                     help="torch threads for both models (1 avoids OpenMP spin-waiting on a busy shared machine)")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     ap.add_argument("--speculative", metavar="CKPT", default=None,
-                    help="instead: time MTP self-speculative against plain greedy decoding on a trained checkpoint")
+                    help="instead: time MTP self-speculative against plain greedy decoding on a trained checkpoint "
+                         "(or a preset name, random weights: for the cost of one step)")
     ap.add_argument("--prompt", default="def ", help="with --speculative: the prompt")
     ap.add_argument("--repeats", type=int, default=11, help="with --speculative: timed pairs after a warm-up")
     args = ap.parse_args(argv)
@@ -234,6 +261,11 @@ def main(argv=None):
         print(f"speed-up, speculative / plain, over {res['repeats']} timed pairs after a warm-up: median "
               f"{sp['median']:.2f}x, interquartile {sp['q1']:.2f}-{sp['q3']:.2f}x, "
               f"range {sp['min']:.2f}-{sp['max']:.2f}x")
+        if res["step_costs_s"]:
+            c = res["step_costs_s"]
+            print(f"one compiled step (median of 30): plain {c['plain'] * 1e3:.2f} ms, speculative "
+                  f"{c['speculative'] * 1e3:.2f} ms = {c['speculative'] / c['plain']:.2f} plain steps (speculation "
+                  f"pays when that is under 1 + acceptance)")
         if args.json:
             print(json.dumps({"machine": info, "speculative": res}))
         return
@@ -272,7 +304,7 @@ def main(argv=None):
             p_tok, p_pre, p_dec = run_ours(engines[b, False], prompts.tolist(), args.new_tokens)
             # the machine's rate drifts by tens of percent over minutes (a shared host): measure it again
             # beside each row's timings and take that row's fraction against it
-            row_rate = max(weight_read_rate(DTYPES[args.dtype], 5), weight_read_rate(torch.float32, 5))
+            row_rate = max(weight_read_rate(d, 5) for d in {DTYPES[args.dtype], torch.float32})
             o_tok, o_pre, o_dec = run_ours(engines[b, True], prompts.tolist(), args.new_tokens)
             h_tok, h_pre, h_dec = run_hf(hf, prompts, args.new_tokens)
             n = b * (args.new_tokens - 1)
