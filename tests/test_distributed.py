@@ -348,7 +348,9 @@ def test_sharded_checkpoints_from_four_processes_resume_on_two_and_on_one(data_d
     assert_same_run(reference, four)
     assert trainer_state(four)["world_size"] == 4
     assert len([f for f in os.listdir(four / "checkpoints" / "step_5") if f.endswith(".distcp")]) == 4
-    assert_close_models(reference / "latest", four / "latest", rel=1e-4)
+    # weights to 1e-3 like the other layouts: a token seen once or twice has an embedding-row gradient near
+    # reduction noise, and Adam's normalised step moves that row by about lr whichever way the noise falls
+    assert_close_models(reference / "latest", four / "latest")
     for nproc in (2, 1):
         resumed = tmp_path / f"resumed_on_{nproc}"
         cut_at(four, 5, resumed)

@@ -121,6 +121,28 @@ def test_completion_logprobs_equal_a_naive_per_token_loop(ckpt):
                 assert torch.allclose(ent[b, t], -(lp.exp() * lp).sum(), atol=1e-5)
 
 
+def test_shared_prompts_give_the_log_probs_and_gradients_of_one_forward_per_row(ckpt):
+    """completion_logprobs runs each distinct prompt once and lets its rows attend to the prompt's latents; the
+    log-probs and every parameter's gradient equal those of one plain forward over each prompt + completion."""
+    model = Transformer.from_pretrained(ckpt).train()
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2 + [PROMPTS[1]]  # groups of 3, 2 and 1, unequal lengths
+    completions = COMPLETIONS + [[108, 109, 110, 111], [112, 1], [113, 114, 115, 116, 117, 118]]
+    weights = torch.linspace(0.5, 2.0, 6)
+    logp, mask, _ = grpo.completion_logprobs(model, prompts, completions)
+    (logp * mask * weights[:, None]).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        logits = model(torch.tensor([p + c]))[0, len(p) - 1: len(p) + len(c) - 1].float()
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        torch.testing.assert_close(logp[b, : len(c)], ref, atol=1e-5, rtol=0)
+        (ref.sum() * weights[b]).backward()
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
 def _one_update(ckpt, tc, ro):
     torch.manual_seed(0)
     model = Transformer.from_pretrained(ckpt).train()

@@ -100,30 +100,68 @@ class GRPOConfig:
 
 
 # ---------------------------------------------------------------------------------------------- log-probs
-def completion_logits(model, prompts: list[list[int]], completions: list[list[int]]):
-    """The logits that predict every completion token, by one forward over prompt + completion.
+class _PromptLatents:
+    """LatentCache of the prompt pass: attends as usual and keeps the layer's latents for the completions."""
 
-    Returns (logits [B, T, V] fp32, targets [B, T], mask [B, T] bool) with T the longest completion; mask is
-    True on real completion tokens. The batch is right-padded; with the default causal attention a real token
-    only sees real tokens on its left, so padding changes nothing. Only the completion positions go through
-    lm_head. (Distillation scores the same positions with the teacher: nanoseek.train.distill.)
+    def __init__(self):
+        self.latents: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, c_kv, k_rope):
+        self.latents = (c_kv, k_rope)
+        return c_kv, k_rope
+
+
+class _AfterPrompt:
+    """LatentCache of the completion pass: row b's keys are its prompt's latents (padded), then its own."""
+
+    def __init__(self, prompt: _PromptLatents, row: torch.Tensor):
+        self.prompt, self.row = prompt, row
+
+    def update(self, c_kv, k_rope):
+        p_kv, p_rope = (t.index_select(0, self.row) for t in self.prompt.latents)
+        return torch.cat([p_kv, c_kv], 1), torch.cat([p_rope, k_rope], 1)
+
+
+def _padded(seqs: list[list[int]], length: int) -> torch.Tensor:
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids
+
+
+def completion_logits(model, prompts: list[list[int]], completions: list[list[int]]):
+    """The logits that predict every completion token, with each distinct prompt run through the model once.
+
+    A GRPO group's G samples share one prompt, and prompts (system prompt, question) are most of the tokens, so
+    the model first runs the U distinct prompts, keeping every layer's latents, then all B completions, each
+    attending to its prompt's latents and causally to itself. Gradients reach the prompt tokens through the
+    shared latents. This is the same attention as one forward over each prompt + completion, for about U/B of
+    the prompt's compute. Returns (logits [B, T, V] fp32, targets [B, T], mask [B, T] bool) with T the longest
+    completion; mask is True on real completion tokens. (Distillation scores the same positions with the
+    teacher: nanoseek.train.distill.)
     """
-    B = len(prompts)
-    lp = torch.tensor([len(p) for p in prompts])
-    lc = torch.tensor([len(c) for c in completions])
-    S, T = int((lp + lc).max()), int(lc.max())
-    ids = torch.zeros(B, S, dtype=torch.long)
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        ids[b, : len(p) + len(c)] = torch.tensor(p + c)
+    distinct: dict[tuple, int] = {}
+    row = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])
+    uniq = [list(p) for p in distinct]
     device = model.embed_tokens.weight.device
-    ids = ids.to(device)
-    h = model.hidden_states(ids)  # [B, S, d]
-    # position lp-1+t predicts completion token t (the token at lp+t)
-    pos = ((lp - 1)[:, None] + torch.arange(T)[None]).clamp(max=S - 2).to(device)  # [B, T]
-    hc = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
-    logits = model.lm_head(hc).float()  # [B, T, V]
-    mask = (torch.arange(T)[None] < lc[:, None]).to(device)
-    return logits, ids.gather(1, pos + 1), mask
+    lp = torch.tensor([len(p) for p in uniq])[row].to(device)  # [B] prompt length of each row
+    lc = torch.tensor([len(c) for c in completions], device=device)
+    P, T = max(len(p) for p in uniq), max(int(lc.max()), 1)
+    caches = [_PromptLatents() for _ in model.layers]
+    h_prompt = model.hidden_states(_padded(uniq, P).to(device), kv_caches=caches)  # [U, P, d]
+    row = row.to(device)
+    # completion token t of row b sits at position lp[b] + t and sees keys j < lp[b] (its prompt, padded to P)
+    # and P <= j <= P + t (itself, causally)
+    t, j = torch.arange(T, device=device), torch.arange(P + T, device=device)
+    see = (j[None, None] < lp[:, None, None]) | ((j[None, None] >= P) & (j[None, None] - P <= t[None, :, None]))
+    targets = _padded(completions, T).to(device)
+    h = model.hidden_states(targets, lp[:, None] + t[None], see[:, None],
+                            [_AfterPrompt(c, row) for c in caches])  # [B, T, d]
+    # the prompt's last token predicts completion token 0, completion token t - 1 predicts token t
+    first = h_prompt.flatten(0, 1).index_select(0, row * P + lp - 1)  # [B, d] (index_select: its CPU backward
+    # sums in a fixed order)
+    logits = model.lm_head(torch.cat([first[:, None], h[:, : T - 1]], dim=1)).float()  # [B, T, V]
+    return logits, targets, t[None] < lc[:, None]
 
 
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], with_entropy: bool = False):
