@@ -154,14 +154,14 @@ def completion_logits(model, prompts: list[list[int]], completions: list[list[in
     # and P <= j <= P + t (itself, causally)
     t, j = torch.arange(T, device=device), torch.arange(P + T, device=device)
     see = (j[None, None] < lp[:, None, None]) | ((j[None, None] >= P) & (j[None, None] - P <= t[None, :, None]))
-    targets = _padded(completions, T).to(device)
-    h = model.hidden_states(targets, lp[:, None] + t[None], see[:, None],
+    tokens = _padded(completions, T).to(device)  # the completion pass's input, and the targets
+    h = model.hidden_states(tokens, lp[:, None] + t[None], see[:, None],
                             [_AfterPrompt(c, row) for c in caches])  # [B, T, d]
     # the prompt's last token predicts completion token 0, completion token t - 1 predicts token t
     first = h_prompt.flatten(0, 1).index_select(0, row * P + lp - 1)  # [B, d] (index_select: its CPU backward
     # sums in a fixed order)
     logits = model.lm_head(torch.cat([first[:, None], h[:, : T - 1]], dim=1)).float()  # [B, T, V]
-    return logits, targets, t[None] < lc[:, None]
+    return logits, tokens, t[None] < lc[:, None]
 
 
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], with_entropy: bool = False):
