@@ -24,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="every stage at toy size (about a minute)")
     p.add_argument("--out", default=None, help="run directory, replaced (default: runs/demo, runs/demo-quick)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: 0 = all cores)")
-    p.add_argument("--seed", type=int, default=None, help="pretraining seed (default: 1; the lift depends on the draw)")
+    p.add_argument("--seed", type=int, default=None, help="pretraining seed (default: 2; the lift depends on the draw)")
     p.add_argument("--no-serve", action="store_true", help="skip the serving stage")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object last")
     p.set_defaults(func=run)
