@@ -91,8 +91,8 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(b, s, h, self.qk_rope_head_dim)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
         # CPU's fused (flash) SDPA kernel needs v's head size to equal q's; MLA's is smaller (V3: 128 against 192),
-        # so torch would fall back to the unfused math path, 1.4x slower in training and 3.6x in a 1,024-token
-        # prefill. Zero columns in v give zero columns in the output, cut off below: the same attention.
+        # so torch would fall back to the unfused math path, which materialises every score. Zero columns in v
+        # give zero columns in the output, cut off below: the same attention.
         pad = q.shape[-1] - v.shape[-1] if q.device.type == "cpu" else 0
         if pad > 0:
             v = F.pad(v, (0, pad))
