@@ -12,6 +12,7 @@ Rows (all evaluated on the held-out test split as r1zero does: --n problems x --
     student + GRPO alone at the distillation's FLOPs (1x) and at 3x;
     student + trace SFT (distilled: rejection-sampled teacher traces, `nanoseek distill generate` + `nanoseek sft`);
     student + on-policy distillation at the same FLOPs (`nanoseek distill onpolicy`, exact reverse KL);
+    student + trace SFT for half the FLOPs, then on-policy distillation for the other half (the Qwen3 order);
     distilled, then GRPO (1x more GRPO);
     SFT on the teacher's unfiltered samples (the same samples, same steps: what the filters buy).
 FLOPs count what is spent after the teacher exists (pipeline_flops): 2 x active params per
@@ -27,6 +28,7 @@ a difference is called real only above 2 standard errors of the difference.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -142,13 +144,18 @@ def main() -> None:
                         "(0.34x; the demo's student, see benchmarks/student_seeds.py)")
     p.add_argument("--student-mlp", type=int, default=0,
                    help="the student's MLP width (0: the preset's, 256); 240 puts the untied student at 0.33x")
-    # K=2 over 800 prompts rather than K=4 over 400 (same teacher cost): at T 0.6 the teacher's chain for a problem
-    # is nearly always the same text, so the duplicate filter keeps ~1 trace a prompt whatever K is (pilot: 374
-    # unique of 1287 correct at K=4); more prompts give more distinct traces.
-    p.add_argument("--num-prompts", type=int, default=800, help="train prompts for rejection sampling")
-    p.add_argument("--num-generations", type=int, default=2)
-    # R1 trained its students 2-3 epochs on 800k samples; ~700 traces need more passes (pilot on the demo's 350
-    # traces, one nano base: 4 epochs 0.35, 12 epochs 0.88 pass@1). 8 epochs over ~700 traces is about that.
+    # One sample from each of 3200 prompts rather than K=2 over 800 or K=4 over 400 (about the same teacher cost per
+    # kept trace): at T 0.6 the teacher writes nearly the same chain for a problem every time, so the duplicate filter
+    # keeps ~1 trace a prompt whatever K is, and the number of distinct problems is what teaches a small student to
+    # copy the question's numbers into its chain. Pilot (the demo's teacher at 0.92, nano students, 1200 SFT steps
+    # unless said): 800 x 2 (757 traces, 600 steps) 0.45 / 0.52 over two seeds; 3200 x 1 (2533 traces, 600 steps)
+    # 0.73 / 0.71; 3200 x 1 at 1200 steps 0.96 / 0.91 (untied head, MLP 240: 0.33x), 0.96 / 0.93 (tied: the `nano`
+    # preset, 0.31x).
+    p.add_argument("--num-prompts", type=int, default=3200, help="train prompts for rejection sampling")
+    p.add_argument("--num-generations", type=int, default=1)
+    # R1 trained its students 2-3 epochs on 800k samples; ~2500 traces need more passes: the students above copy the
+    # operands only after ~400 updates of 8 packed rows (their SFT loss falls from 0.3 to 0.05 there). 8 epochs over
+    # ~2500 traces (two to a 256-token row) is ~1270 updates.
     p.add_argument("--sft-epochs", type=float, default=8.0)
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--prompts", type=int, default=16, help="GRPO / on-policy prompts per step")
@@ -265,6 +272,22 @@ def main() -> None:
         if last:
             rows["on-policy distillation"] = {**s, "flops": f}
 
+    # --- half the budget as trace SFT, the other half as on-policy distillation from there: the order of the Qwen3
+    # report (off-policy distillation first, then on-policy), since a student that never samples a right chain
+    # learns slowly from its own samples (the row above)
+    t_half = time.perf_counter()
+    h_dir, ho_dir = os.path.join(args.out, "sft_half"), os.path.join(args.out, "sft_half_onpolicy")
+    if latest_checkpoint(h_dir) is None:
+        sft.train(dataclasses.replace(sc, out=h_dir, steps=max(1, sft_steps // 2)), progress=not args.json)
+    spent = gen_flops + sft_flops(h_dir, Ns)
+    s_half = max(3, round((budget - spent) / opd_step))
+    if latest_checkpoint(ho_dir) is None:
+        distill.train_onpolicy(dataclasses.replace(oc, model=os.path.join(h_dir, "latest"), out=ho_dir, steps=s_half,
+                                                   save_every=0), progress=not args.json, task=hard)
+    rows["trace SFT 1/2 -> on-policy 1/2"] = {**score(os.path.join(ho_dir, "latest")),
+                                              "flops": spent + opd_flops(ho_dir, Ns, Nt)}
+    times["sft_then_onpolicy"] = time.perf_counter() - t_half
+
     # --- distilled, then GRPO (1x budget of GRPO more)
     t4 = time.perf_counter()
     dg_dir = os.path.join(args.out, "distill_grpo")
@@ -282,8 +305,8 @@ def main() -> None:
     times["rest"] = time.perf_counter() - t4
     plot = os.path.join(args.out, "distill_flops.png")
     plot_flops({"GRPO alone": grpo_curve, "on-policy distillation": opd_curve},
-               {"trace SFT (distilled)": (budget, rows["distilled (trace SFT)"]["pass@1"],
-                                          rows["distilled (trace SFT)"]["se"])}, plot)
+               {name: (rows[name]["flops"], rows[name]["pass@1"], rows[name]["se"])
+                for name in ("distilled (trace SFT)", "trace SFT 1/2 -> on-policy 1/2")}, plot)
     minutes = (time.perf_counter() - t0) / 60
 
     T, D = rows["teacher"], rows["distilled (trace SFT)"]
@@ -294,6 +317,7 @@ def main() -> None:
         "distill_beats_grpo_by_2se": D["pass@1"] - G["pass@1"] > 2 * diff_se(D, G),
         "opd_at_least_trace_sft": P["pass@1"] >= D["pass@1"],
         "opd_vs_sft_within_noise": abs(P["pass@1"] - D["pass@1"]) <= 2 * diff_se(P, D),
+        "sft_then_opd_at_least_trace_sft": rows["trace SFT 1/2 -> on-policy 1/2"]["pass@1"] >= D["pass@1"],
         "under_20_min_teacher_cached": (not built) and minutes < 20,
         "under_35_min": minutes < 35,
     }
@@ -308,7 +332,8 @@ def main() -> None:
                      f"{s['mean_length']:>8.1f}{s['transfer3_pass@1']:>7.3f}{s['transfer5_pass@1']:>7.3f}"
                      f"{s['flops'] / 1e9:>9.1f}")
     lines.append("yield: " + ", ".join(f"{r['filter']} {r['remaining']}" for r in gen["yield"]))
-    lines.append(f"GRPO {s1} steps a budget ({3 * s1} run), on-policy {s_opd} steps, SFT {sft_steps} steps; "
+    lines.append(f"GRPO {s1} steps a budget ({3 * s1} run), on-policy {s_opd} steps, SFT {sft_steps} steps "
+                 f"(half: {sft_steps // 2} SFT + {s_half} on-policy); "
                  f"pass@1 vs FLOPs in {plot}")
     lines.append("goals: " + ", ".join(f"{k} {v}" for k, v in goals.items()))
     lines.append("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f", total {minutes * 60:.0f}")
@@ -316,7 +341,8 @@ def main() -> None:
     if args.json:
         key = {"teacher": "teacher", "student base": "student_base", "distilled (trace SFT)": "distill",
                "GRPO alone, 1x FLOPs": "grpo", "GRPO alone, 3x FLOPs": "grpo3x", "on-policy distillation": "opd",
-               "distilled -> GRPO": "distill_grpo", "SFT on unfiltered samples": "unfiltered_sft"}
+               "distilled -> GRPO": "distill_grpo", "SFT on unfiltered samples": "unfiltered_sft",
+               "trace SFT 1/2 -> on-policy 1/2": "sft_opd"}
         summary = {f"{key[name]}_{m}": s[m] for name, s in rows.items() for m in
                    ("pass@1", "se", "maj@k", "pass@k", "mean_length", "transfer3_pass@1", "transfer5_pass@1", "flops")}
         summary.update({"teacher_active_params": Nt, "teacher_total_params": n_t["total_params"],
