@@ -149,8 +149,8 @@ def main() -> None:
     # keeps ~1 trace a prompt whatever K is, and the number of distinct problems is what teaches a small student to
     # copy the question's numbers into its chain. Pilot (the demo's teacher at 0.92, nano students, 1200 SFT steps
     # unless said): 800 x 2 (757 traces, 600 steps) 0.45 / 0.52 over two seeds; 3200 x 1 (2533 traces, 600 steps)
-    # 0.73 / 0.71; 3200 x 1 at 1200 steps 0.96 / 0.91 (untied head, MLP 240: 0.33x), 0.96 / 0.93 (tied: the `nano`
-    # preset, 0.31x).
+    # 0.73 / 0.71; 3200 x 1 at 1200 steps 0.96 / 0.91 (untied head, MLP 240: 0.33x), 0.96 / 0.93 / 0.96 (tied: the
+    # `nano` preset, 0.31x).
     p.add_argument("--num-prompts", type=int, default=3200, help="train prompts for rejection sampling")
     p.add_argument("--num-generations", type=int, default=1)
     # R1 trained its students 2-3 epochs on 800k samples; ~2500 traces need more passes: the students above copy the

@@ -2,11 +2,11 @@
 
 1. Base model: pretrain the `tiny` preset (1200 steps) on chat-formatted examples: EASY problems, one addition
    "a + b" (a in 0..27, b in 0..9) with its worked step, "<think> 13 + 5 = 18 </think> <answer> 18 </answer>";
-   plus HARD sums of four one-digit numbers (train split), half answered tersely in one step
-   ("<think> 6 + 3 + 2 + 5 = 16 </think>", --direct-docs) and half worked as a chain of the easy steps
+   plus HARD sums of four one-digit numbers (train split), a third answered tersely in one step
+   ("<think> 6 + 3 + 2 + 5 = 16 </think>", --direct-docs) and two thirds worked as a chain of the easy steps
    ("<think> 6 + 3 = 9, 9 + 2 = 11, 11 + 5 = 16 </think>", --hard-docs). The base knows the format and the easy
-   case; on held-out four-number sums it mostly answers in one step, which is seldom right (a four-number sum
-   in one step is beyond it), and sometimes chains, which is mostly right (the script prints both rates).
+   case; on held-out four-number sums it sometimes answers in one step, which is seldom right (a four-number sum
+   in one step is beyond it), and otherwise chains, which is mostly right (the script prints both rates).
 2. R1-Zero: GRPO straight from the base on the HARD problems with rule rewards only (accuracy + format,
    nanoseek.tasks.rewards). Nothing tells the model to reason step by step or longer; the reward does (chained
    answers are right far more often, so chaining becomes habitual and responses grow).
@@ -137,13 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/r1zero")
     p.add_argument("--hard-operands", type=int, default=4, help="one-digit numbers summed in a HARD problem")
     p.add_argument("--easy-docs", type=int, default=8000)
-    p.add_argument("--hard-docs", type=int, default=800, help="HARD sums worked as a chain of easy steps")
+    p.add_argument("--hard-docs", type=int, default=1600, help="HARD sums worked as a chain of easy steps")
     p.add_argument("--direct-docs", type=int, default=800, help="HARD sums answered in one step")
     p.add_argument("--pretrain-steps", type=int, default=1200)
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
-    # The base's pass@1 and GRPO's lift depend on the initial draw (BENCHMARKS.md, "make demo"): seed 0 gives a
-    # base at 0.22 that GRPO does not lift; 1 is the draw the demo uses.
-    p.add_argument("--seed", type=int, default=1, help="pretraining seed (the initial weights)")
+    # The corpus mix and the seed are the demo's: the base's pass@1 and GRPO's lift depend on the initial draw, and
+    # with 800 + 800 documents some draws never learn to copy the third operand, or answer in one step accurately
+    # enough that GRPO reinforces that instead (on one machine: R1-Zero at 0.09, 18-token answers; BENCHMARKS.md,
+    # "make demo", has the draws of each mix).
+    p.add_argument("--seed", type=int, default=2, help="pretraining seed (the initial weights)")
     p.add_argument("--cold-start", type=int, default=100)
     p.add_argument("--grpo-steps", type=int, default=90)
     p.add_argument("--prompts", type=int, default=16)

@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=1000, help="student pretraining steps (the demo's)")
-    p.add_argument("--epochs", type=float, default=12.0, help="SFT epochs on the traces (the demo's)")
+    p.add_argument("--epochs", type=float, default=8.0, help="SFT epochs on the traces (the demo's)")
     p.add_argument("--n", type=int, default=200, help="held-out problems (x 4 samples)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")

@@ -331,6 +331,6 @@ PRESETS: dict[str, dict] = {
                topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
                num_nextn_predict_layers=1, max_position_embeddings=163840, rope_scaling=_V3_YARN),
 }
-# nano with an output head of its own (0.34x tiny's active parameters at 512 tokens): on the demo's sums the tied
-# student almost never learns to copy the question's numbers, this one usually does (benchmarks/student_seeds.py)
+# nano with an output head of its own (0.34x tiny's active parameters at 512 tokens, 0.42x at 4096), for comparing
+# the two heads (benchmarks/student_seeds.py, benchmarks/distill.py --student-head untied)
 PRESETS["nano-untied"] = {**PRESETS["nano"], "tie_word_embeddings": False}
