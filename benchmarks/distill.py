@@ -114,7 +114,7 @@ def sft_flops(run_dir: str, n_active: int) -> float:
     return pipeline_flops(trained=[(n_active, read_metrics(run_dir)[-1]["tokens"])])
 
 
-def plot_flops(curves: dict, points: dict, path: str) -> None:
+def plot_flops(curves: dict, points: dict, path: str, teacher: float | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,6 +125,9 @@ def plot_flops(curves: dict, points: dict, path: str) -> None:
         ax.errorbar(xs, ys, yerr=[2 * e for e in es], fmt="o-", capsize=3, label=name)
     for name, (x, y, e) in points.items():
         ax.errorbar([x], [y], yerr=[2 * e], fmt="s", capsize=3, label=name)
+    if teacher is not None:  # what the student is measured against: the teacher, and the 90 % goal under it
+        ax.axhline(teacher, color="0.3", linestyle="--", linewidth=1, label=f"teacher ({teacher:.2f})")
+        ax.axhline(0.9 * teacher, color="0.6", linestyle=":", linewidth=1, label="90 % of the teacher")
     ax.set_xlabel("FLOPs spent after the teacher exists"), ax.set_ylabel("held-out pass@1 (+-2 SE)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3), ax.legend(fontsize=8)
@@ -258,7 +261,7 @@ def main() -> None:
     o_dir = os.path.join(args.out, "onpolicy")
     oc = distill.OnPolicyConfig(model=base, teacher=teacher, out=o_dir, steps=s_opd, prompts_per_step=args.prompts,
                                 samples_per_prompt=args.opd_samples, max_new_tokens=args.max_new_tokens,
-                                lr=args.opd_lr, kl="exact", beta=1.0, save_every=max(1, s_opd // 3), seed=0)
+                                lr=args.opd_lr, kl="exact", beta=1.0, save_every=-(-s_opd // 3), seed=0)
     if latest_checkpoint(o_dir) is None:
         distill.train_onpolicy(oc, progress=not args.json, task=hard, plot=True)
     times["onpolicy"] = time.perf_counter() - t3
@@ -306,7 +309,8 @@ def main() -> None:
     plot = os.path.join(args.out, "distill_flops.png")
     plot_flops({"GRPO alone": grpo_curve, "on-policy distillation": opd_curve},
                {name: (rows[name]["flops"], rows[name]["pass@1"], rows[name]["se"])
-                for name in ("distilled (trace SFT)", "trace SFT 1/2 -> on-policy 1/2")}, plot)
+                for name in ("distilled (trace SFT)", "trace SFT 1/2 -> on-policy 1/2")}, plot,
+               teacher=rows["teacher"]["pass@1"])
     minutes = (time.perf_counter() - t0) / 60
 
     T, D = rows["teacher"], rows["distilled (trace SFT)"]

@@ -302,8 +302,9 @@ def report_markdown(r: dict) -> str:
         lines += ["", "A held-out answer after GRPO:", "", f"> {ex['prompt']}", ">",
                   f"> `{ex['completion'].strip()}`"]
     if "student (distilled)" in m and "R1-Zero" in m and m["R1-Zero"]["pass@1"] > 0:
-        kept = m["student (distilled)"]["pass@1"] / m["R1-Zero"]["pass@1"]
-        lines += ["", f"The distilled student keeps {100 * kept:.0f}% of its teacher's pass@1."]
+        st, te = m["student (distilled)"], m["R1-Zero"]
+        lines += ["", f"With {100 * st['active_params'] / te['active_params']:.0f}% of its teacher's active parameters, "
+                      f"the distilled student scores {100 * st['pass@1'] / te['pass@1']:.0f}% of its pass@1."]
     if r.get("served"):
         sv = r["served"]
         lines += ["", "Served by `nanoseek serve` and asked through the `openai` client:", "",
