@@ -144,7 +144,7 @@ def main() -> None:
     p.add_argument("--student-pretrain-steps", type=int, default=1200)
     p.add_argument("--student-head", choices=["tied", "untied"], default="tied",
                    help="nano's output head: tied (the preset, 0.31x the teacher's active parameters) or its own "
-                        "(0.34x; the demo's student, see benchmarks/student_seeds.py)")
+                        "(0.34x; see benchmarks/student_seeds.py)")
     p.add_argument("--student-mlp", type=int, default=0,
                    help="the student's MLP width (0: the preset's, 256); 240 puts the untied student at 0.33x")
     # One sample from each of 3200 prompts rather than K=2 over 800 or K=4 over 400 (about the same teacher cost per

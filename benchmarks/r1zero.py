@@ -1,4 +1,4 @@
-"""R1-Zero in miniature (DeepSeek-R1 section 2.2), on CPU (1 thread) in under 20 minutes.
+"""R1-Zero in miniature (DeepSeek-R1 section 2.2), on a 2-core CPU in under 20 minutes.
 
 1. Base model: pretrain the `tiny` preset (1200 steps) on chat-formatted examples: EASY problems, one addition
    "a + b" (a in 0..27, b in 0..9) with its worked step, "<think> 13 + 5 = 18 </think> <answer> 18 </answer>";
@@ -155,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-equal", action="store_true", help="DAPO dynamic sampling (drop all-equal groups, refill)")
     p.add_argument("--n", type=int, default=300, help="held-out problems")
     p.add_argument("--samples", type=int, default=4, help="K samples per problem (pass@1 averaged, maj@K)")
-    p.add_argument("--threads", type=int, default=1)
+    # Both cores. The thread count changes the draw too (matmuls sum in another order): on one 2-core Intel Xeon,
+    # 1 thread pretrained a base that chains without reading the operands (0.09, RL cannot fix it), 2 threads one
+    # at 0.62 (BENCHMARKS.md, "R1-Zero in miniature").
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     return p
 
