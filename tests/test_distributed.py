@@ -126,13 +126,19 @@ def as_pretrained(path):
     return out
 
 
-def assert_close_models(a_dir, b_dir, rel=1e-3):
+def assert_close_models(a_dir, b_dir, rel=1e-3, flips=4):
+    """Each tensor within `rel` in relative norm, after leaving out its `flips` largest element differences. Adam
+    divides by the gradient's running RMS, so an element whose gradient is near zero (a token seen once) moves by up
+    to the learning rate in one run and the other way in the other when the last bits of that gradient differ: on an
+    Intel Xeon, one embedding element of 49,152 differed by 5.5e-3 after 10 steps at lr 1e-2, the next by 8e-4. A
+    wrong shard, axis or reduction moves far more than a handful of elements."""
     a = Transformer.from_pretrained(as_pretrained(a_dir)).state_dict()
     b = Transformer.from_pretrained(as_pretrained(b_dir)).state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].shape == b[k].shape, k
-        assert float((a[k] - b[k]).norm()) <= rel * float(a[k].norm()) + 1e-6, k
+        d = (a[k] - b[k]).flatten().abs().sort().values[: max(1, a[k].numel() - flips)]
+        assert float(d.norm()) <= rel * float(a[k].norm()) + 1e-6, k
 
 
 # ------------------------------------------------------------------------------------------ (0) initialisation
