@@ -261,7 +261,7 @@ def main() -> None:
     o_dir = os.path.join(args.out, "onpolicy")
     oc = distill.OnPolicyConfig(model=base, teacher=teacher, out=o_dir, steps=s_opd, prompts_per_step=args.prompts,
                                 samples_per_prompt=args.opd_samples, max_new_tokens=args.max_new_tokens,
-                                lr=args.opd_lr, kl="exact", beta=1.0, save_every=-(-s_opd // 3), seed=0)
+                                lr=args.opd_lr, kl="exact", beta=1.0, save_every=math.ceil(s_opd / 3), seed=0)
     if latest_checkpoint(o_dir) is None:
         distill.train_onpolicy(oc, progress=not args.json, task=hard, plot=True)
     times["onpolicy"] = time.perf_counter() - t3

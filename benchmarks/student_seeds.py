@@ -37,8 +37,8 @@ def run_one(args, variant: str, seed: int) -> dict:
                               steps=args.steps, batch_size=16, seq_len=128, lr=3e-3, eval_every=0, seed=seed)
     pretrain.train(tc, progress=False)
     sc = sft.SFTConfig(model=os.path.join(tc.out, "latest"), data=os.path.join(args.demo, "traces.jsonl"),
-                       out=os.path.join(out, "student"), epochs=args.epochs, batch_size=8, seq_len=256, lr=1e-3,
-                       seed=0)
+                       out=os.path.join(out, "student"), epochs=args.epochs, steps=args.sft_steps, batch_size=8,
+                       seq_len=256, lr=1e-3, seed=0)
     sft.train(sc, progress=False)
     return {"variant": variant, "seed": seed, "base_pass@1": pass1(os.path.join(tc.out, "latest"), args.n),
             "student_pass@1": pass1(os.path.join(sc.out, "latest"), args.n)}
@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=1000, help="student pretraining steps (the demo's)")
     p.add_argument("--epochs", type=float, default=8.0, help="SFT epochs on the traces (the demo's)")
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT updates instead of --epochs")
     p.add_argument("--n", type=int, default=200, help="held-out problems (x 4 samples)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
@@ -61,8 +62,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     teacher = pass1(os.path.join(args.demo, "r1zero", "latest"), args.n)
     t0, rows = time.perf_counter(), []
+    sft_len = f"{args.sft_steps} SFT updates" if args.sft_steps else f"{args.epochs:g} SFT epochs"
     print(f"teacher (R1-Zero) pass@1 {teacher:.3f}; nano students: {args.steps} pretraining steps, "
-          f"{args.epochs:g} SFT epochs on {args.demo}/traces.jsonl; held-out n={args.n} x 4")
+          f"{sft_len} on {args.demo}/traces.jsonl; held-out n={args.n} x 4")
     print(f"{'variant':8} {'seed':>4} {'base':>6} {'student':>8} {'of teacher':>10}")
     for variant in args.variants:
         for seed in args.seeds:
