@@ -8,6 +8,7 @@ nanoseek runs twice: its plain eager path (compile=False) and the compiled batch
     python benchmarks/decode.py --contexts 8192 --batches 1 --json
     python benchmarks/decode.py --compare-prefill   # also time nanoseek prefill: expanded vs absorbed attention
     python benchmarks/decode.py --speculative runs/demo/run/latest --repeats 11   # MTP self-speculative decoding
+    python benchmarks/decode.py --speculative runs/demo/run/latest --draft-tokens 3   # 3 chained MTP drafts a step
 
 Roofline: at batch 1 a decode step is bound by reading the weights. The same run measures this machine's
 weight-read rate (GB/s of a large matrix-vector product, 16384 x 8192, at the benchmark's dtype and thread count)
@@ -71,6 +72,30 @@ def weight_read_rate(dtype: torch.dtype, repeats: int = 9) -> float:
         torch.mv(w, x)
         ts.append(time.perf_counter() - t0)
     return w.numel() * w.element_size() / statistics.median(ts) / 1e9
+
+
+def head_layout_rates(vocab: int, d: int, copies: int = 8, repeats: int = 5) -> dict:
+    """GB/s of the output head's product with one row at the current thread count, three ways: BLAS over the
+    weight as stored ([vocab, d], rows of d numbers), the compiled step's streaming reduction over the same rows,
+    and BLAS over a [d, vocab] copy (rows of vocab numbers; what the compiled step uses on CPU). `copies` heads in
+    turn, so each is read from memory, not cache (8 x 32000 x 512 fp32 is 524 MB)."""
+    buf = torch.randn(copies, vocab * d)
+    rows, cols = buf.view(copies, vocab, d), buf.view(copies, d, vocab)  # the same bytes, two layouts
+    x, xt = torch.randn(1, d), torch.randn(d)
+    reduce = torch.compile(lambda x_, w: (x_ * w).sum(-1))
+    ways = {"blas_rows_of_d": lambda i: torch.mv(rows[i], xt), "compiled_rows_of_d": lambda i: reduce(x, rows[i]),
+            "blas_rows_of_vocab": lambda i: torch.mv(cols[i].t(), xt)}
+    out = {}
+    for name, f in ways.items():
+        f(0)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(copies):
+                f(i)
+            ts.append(time.perf_counter() - t0)
+        out[name] = buf.numel() * 4 / statistics.median(ts) / 1e9
+    return out
 
 
 def step_bytes(cfg, model, batch: int, context: float, weight_bytes: int, cache_bytes_per_token: int) -> float:
@@ -166,12 +191,14 @@ def _spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "q1": q(0.25), "q3": q(0.75)}
 
 
-def step_costs(engine: Engine, n: int, repeats: int = 30) -> dict:
+def step_costs(engine: Engine, n: int, k: int = 1, repeats: int = 30) -> dict:
     """Median seconds of one compiled batch-1 step at `n` cached tokens: a plain decoding step and a speculative
-    one (verify two tokens, run the MTP block, draft). Writes cache positions n, n + 1 of row 0 (scratch)."""
+    one with k drafts (verify k + 1 tokens, run the MTP block over them, then k - 1 more times to chain the
+    drafts). Writes cache positions n .. n + 2k - 1 of row 0 (scratch; the drafts are rejected, a = 0)."""
     c, rows = engine.compiled, slice(0, 1)
-    one, pend, draft = torch.tensor([[5]]), torch.tensor([5]), torch.tensor([6])
-    steps = {"plain": lambda: c(rows, n, one), "speculative": lambda: c.speculate(rows, n, pend, draft, engine.mtp_cache)}
+    one, pend, drafts = torch.tensor([[5]]), torch.tensor([5]), torch.full((1, k), 6)
+    steps = {"plain": lambda: c(rows, n, one),
+             "speculative": lambda: c.speculate(rows, n, pend, drafts, engine.mtp_cache)}
     out = {}
     with torch.inference_mode():
         for name, f in steps.items():
@@ -184,12 +211,13 @@ def step_costs(engine: Engine, n: int, repeats: int = 30) -> dict:
     return out
 
 
-def time_speculative(ckpt: str, prompt: str, new_tokens: int, repeats: int) -> dict:
-    """Greedy decoding of one prompt from a trained checkpoint with an MTP module, plain and self-speculative.
-    One untimed call of each first (cache allocation, kernel choice), then `repeats` timed pairs, alternating so
-    that a change in machine load hits both; reports the median and spread of each and of the per-pair ratio.
-    `ckpt` may also name a preset (random weights, a random 256-token prompt): then the step costs are what
-    matters, since a random MTP module's drafts are almost never accepted."""
+def time_speculative(ckpt: str, prompt: str, new_tokens: int, repeats: int, k: int = 1) -> dict:
+    """Greedy decoding of one prompt from a trained checkpoint with an MTP module, plain and self-speculative with
+    k drafts a step. One untimed call of each first (cache allocation, kernel choice), then `repeats` timed pairs,
+    alternating so that a change in machine load hits both; reports the median and spread of each and of the
+    per-pair ratio, and the acceptance overall and per draft position. `ckpt` may also name a preset (random
+    weights, a random 256-token prompt): then the step costs are what matters, since a random MTP module's drafts
+    are almost never accepted."""
     if ckpt in PRESETS:
         torch.manual_seed(0)
         model = Transformer(ModelConfig.from_preset(ckpt)).eval()
@@ -198,21 +226,24 @@ def time_speculative(ckpt: str, prompt: str, new_tokens: int, repeats: int) -> d
         from nanoseek.tokenizer import load_tokenizer
         model = Transformer.from_pretrained(ckpt).eval()
         prompts = [load_tokenizer(ckpt).encode(prompt, add_bos=True)]
-    engine = Engine(model, max_batch_size=1, max_seq_len=len(prompts[0]) + new_tokens + 16)
+    engine = Engine(model, max_batch_size=1, max_seq_len=len(prompts[0]) + new_tokens + 2 * (k - 1) + 16)
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     plain = engine.generate(prompts, greedy)
-    spec = engine.generate(prompts, greedy, speculative=True)
-    acceptance = engine.stats.acceptance_rate
+    spec = engine.generate(prompts, greedy, speculative=k)
+    stats = engine.stats
     t_plain, t_spec = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         engine.generate(prompts, greedy)
         t_plain.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        engine.generate(prompts, greedy, speculative=True)
+        engine.generate(prompts, greedy, speculative=k)
         t_spec.append(time.perf_counter() - t0)
-    costs = step_costs(engine, len(prompts[0])) if "speculate" in getattr(engine.compiled, "kinds", ()) else None
-    return {"identical": plain == spec, "acceptance_rate": acceptance, "repeats": repeats, "step_costs_s": costs,
+    costs = step_costs(engine, len(prompts[0]), k) if "speculate" in getattr(engine.compiled, "kinds", ()) else None
+    return {"identical": plain == spec, "draft_tokens": k, "acceptance_rate": stats.acceptance_rate,
+            "acceptance_by_position": stats.acceptance_by_position, "steps": stats.steps,
+            "tokens_per_step": (stats.drafted_at[0] + stats.accepted) / max(stats.drafted_at[0], 1),
+            "repeats": repeats, "step_costs_s": costs,
             "compiled": engine.compiled is not None and "speculate" in engine.compiled.kinds and not engine.compiled.failed,
             "compile_s": engine.compile_seconds,
             "plain_s": _spread(t_plain), "speculative_s": _spread(t_spec),
@@ -237,6 +268,8 @@ def main(argv=None):
                          "(or a preset name, random weights: for the cost of one step)")
     ap.add_argument("--prompt", default="def ", help="with --speculative: the prompt")
     ap.add_argument("--repeats", type=int, default=11, help="with --speculative: timed pairs after a warm-up")
+    ap.add_argument("--draft-tokens", type=int, default=1, metavar="K",
+                    help="with --speculative: MTP drafts per step (the module chained K times)")
     args = ap.parse_args(argv)
     if args.quick:
         args.contexts, args.batches = [256, 2048], [1]
@@ -245,14 +278,21 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.speculative:
         new_tokens = args.new_tokens if "--new-tokens" in (argv or sys.argv) else 64
-        res = time_speculative(args.speculative, args.prompt, new_tokens, args.repeats)
+        k = args.draft_tokens
+        res = time_speculative(args.speculative, args.prompt, new_tokens, args.repeats, k)
         info = machine()
         sp = res["speedup"]
-        print(f"self-speculative decoding (one MTP draft per step), {args.speculative}, prompt {args.prompt!r}, "
-              f"{new_tokens} greedy tokens, batch 1")
+        print(f"self-speculative decoding (K = {k} MTP draft{'s' if k > 1 else ''} per step), {args.speculative}, "
+              f"prompt {args.prompt!r}, {new_tokens} greedy tokens, batch 1")
         print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
               f"torch {info['torch']}")
-        print(f"same tokens as plain greedy: {res['identical']}; draft acceptance {res['acceptance_rate']:.0%}")
+        by_pos = res["acceptance_by_position"]
+        # draft j + 1 is only accepted after draft j: the conditional rate is the chained module's own accuracy
+        cond = [a / b if b else 0.0 for a, b in zip(by_pos, [1.0] + by_pos[:-1])]
+        print(f"same tokens as plain greedy: {res['identical']}; draft acceptance {res['acceptance_rate']:.0%} "
+              f"({res['tokens_per_step']:.2f} tokens per step, {res['steps']} steps)")
+        print("acceptance by draft position: " + ", ".join(f"{a:.0%}" for a in by_pos)
+              + "; given the previous draft accepted: " + ", ".join(f"{c:.0%}" for c in cond))
         print("decode steps: " + (f"compiled (both plain and speculative; {res['compile_s']:.1f} s to compile, in the "
                                   "untimed warm-up)" if res["compiled"] else "plain eager path (NANOSEEK_COMPILE=0)"))
         for name in ("plain_s", "speculative_s"):
@@ -263,9 +303,9 @@ def main(argv=None):
               f"range {sp['min']:.2f}-{sp['max']:.2f}x")
         if res["step_costs_s"]:
             c = res["step_costs_s"]
-            print(f"one compiled step (median of 30): plain {c['plain'] * 1e3:.2f} ms, speculative "
+            print(f"one compiled step (median of 30): plain {c['plain'] * 1e3:.2f} ms, speculative (K = {k}) "
                   f"{c['speculative'] * 1e3:.2f} ms = {c['speculative'] / c['plain']:.2f} plain steps (speculation "
-                  f"pays when that is under 1 + acceptance)")
+                  f"pays when that is under the tokens per step, {res['tokens_per_step']:.2f})")
         if args.json:
             print(json.dumps({"machine": info, "speculative": res}))
         return
@@ -293,6 +333,7 @@ def main(argv=None):
     # memory streams bytes whatever their type, but CPU bf16 gemv is far slower than fp32's: the roofline is the
     # faster of the two rates
     rates = {name: weight_read_rate(dt) for name, dt in DTYPES.items()}
+    head_rates = head_layout_rates(cfg.vocab_size, cfg.hidden_size) if args.dtype == "fp32" else None
     rate = max(rates[args.dtype], rates["fp32"])
     wbytes = torch.finfo(dtype).bits // 8
 
@@ -336,6 +377,11 @@ def main(argv=None):
     print(f"weight-read roofline: torch.mv of a 16384 x 8192 matrix, {info['torch_threads']} threads, the faster of "
           f"fp32 and bf16 (at the start: fp32 {rates['fp32']:.1f} GB/s, bf16 {rates['bf16']:.1f} GB/s), measured "
           "again beside each row (column 'roofline GB/s')")
+    if head_rates:
+        print(f"output head ({cfg.vocab_size} x {cfg.hidden_size}) times one row, read from memory: BLAS over rows of "
+              f"{cfg.hidden_size} {head_rates['blas_rows_of_d']:.1f} GB/s, compiled reduction over them "
+              f"{head_rates['compiled_rows_of_d']:.1f} GB/s, BLAS over a transposed copy (rows of {cfg.vocab_size}; "
+              f"the compiled step's choice on CPU) {head_rates['blas_rows_of_vocab']:.1f} GB/s")
     if compile_failed:
         print("compiled decode step: compilation FAILED, the 'compiled' columns ran the plain eager path")
     else:
@@ -366,7 +412,8 @@ def main(argv=None):
             for c, v in prefill_paths.items()))
     if args.json:
         print(json.dumps({"machine": info, "preset": args.preset, "dtype": args.dtype, "new_tokens": args.new_tokens,
-                          "weight_read_gb_s": rate, "weight_read_gb_s_by_dtype": rates, "compile_s": compile_s,
+                          "weight_read_gb_s": rate, "weight_read_gb_s_by_dtype": rates,
+                          "head_layout_gb_s": head_rates, "compile_s": compile_s,
                           "compile_failed": compile_failed,
                           "rows": rows, "kv_cache_bytes_per_token": {"transformers": bytes_hf, "nanoseek": bytes_ours},
                           "prefill_paths": prefill_paths}))

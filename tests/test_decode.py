@@ -9,16 +9,21 @@ import warnings
 import pytest
 
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.engine.decode import decode_forward, speculate_forward
+from nanoseek.engine.decode import decode_forward, mtp_chain_forward, speculate_forward
 from tests.test_engine import PROMPTS, rel_err, stream_tokens_and_logits, tiny_model
 
 GREEDY = SamplingParams(12, temperature=0)
 
 
+def run_steps_eagerly(compiled):
+    """The compiled engine's step functions, run uncompiled (the same math, no ~30 s compile)."""
+    compiled._decode, compiled._spec, compiled._chain = decode_forward, speculate_forward, mtp_chain_forward
+
+
 def fast_engine(kind="v3", compiled=False, **kw):
     engine = Engine(tiny_model(kind), max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp32", compile=True, **kw)
     if not compiled:  # the same step functions, run eagerly
-        engine.compiled._decode, engine.compiled._spec = decode_forward, speculate_forward
+        run_steps_eagerly(engine.compiled)
     return engine
 
 
@@ -36,6 +41,28 @@ def test_fast_step_same_tokens_as_plain_batch1(kind):
         assert t_fast == t_plain
         assert rel_err(l_fast[0], l_plain[0]) < 1e-5
     assert "step" in fast.compiled.kinds  # the fast step did run
+
+
+def test_fast_step_follows_weight_updates():
+    """The fast step reads a transposed copy of the output head on CPU; an in-place update of the weights (an
+    optimizer step between GRPO rollouts) must reach it, as it reaches the plain path."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(tiny_model())  # not the shared one: this test changes it
+    fast = Engine(model, max_batch_size=1, max_seq_len=48, kv_cache_dtype="fp32", compile=True)
+    fast.compiled._decode = decode_forward
+    plain = Engine(model, max_batch_size=1, max_seq_len=48, kv_cache_dtype="fp32", compile=False)
+    fast.generate(PROMPTS[:1], GREEDY)  # the fast step has made its copy
+    with torch.no_grad():
+        torch.manual_seed(1)
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))
+    t_fast, l_fast = stream_tokens_and_logits(fast, PROMPTS[:1], GREEDY)
+    t_plain, l_plain = stream_tokens_and_logits(plain, PROMPTS[:1], GREEDY)
+    assert t_fast == t_plain
+    assert rel_err(l_fast[0], l_plain[0]) < 1e-5
+    assert "step" in fast.compiled.kinds
 
 
 def test_ragged_batch_shrinking_to_one_row():
@@ -103,7 +130,7 @@ def test_fast_speculative_same_tokens_as_plain(compiled):
     model = near_bigram_model(0.3)
     fast = Engine(model, max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp32", compile=True)
     if not compiled:
-        fast.compiled._decode, fast.compiled._spec = decode_forward, speculate_forward
+        run_steps_eagerly(fast.compiled)
     plain = Engine(model, max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp32", compile=False)
     p = SamplingParams(16, temperature=0)
     for prompt in PROMPTS:
@@ -111,3 +138,44 @@ def test_fast_speculative_same_tokens_as_plain(compiled):
         assert fast.generate([prompt], p, speculative=True) == expect
         assert 0 < fast.stats.accepted < fast.stats.drafted
     assert "speculate" in fast.compiled.kinds and not fast.compiled.failed
+
+
+@pytest.mark.parametrize("k,compiled", [(2, False), (3, False), pytest.param(3, True, marks=pytest.mark.skipif(
+    os.environ.get("NANOSEEK_TEST_COMPILE") != "1", reason="compiles for ~30 s; NANOSEEK_TEST_COMPILE=1 runs it"))])
+def test_fast_speculative_k_drafts_same_tokens_as_plain(k, compiled):
+    """K drafts a step through the fast step (one graph per K), every number of accepted drafts from 0 to K
+    occurring: plain greedy tokens, and the same acceptance per draft position as the eager path."""
+    from tests.test_engine import near_bigram_model
+    model = near_bigram_model(0.2)
+    fast = Engine(model, max_batch_size=1, max_seq_len=48, kv_cache_dtype="fp32", compile=True)
+    if not compiled:
+        run_steps_eagerly(fast.compiled)
+    plain = Engine(model, max_batch_size=1, max_seq_len=48, kv_cache_dtype="fp32", compile=False)
+    p = SamplingParams(16, temperature=0)
+    stats = []
+    for prompt in PROMPTS:
+        expect = plain.generate([prompt], p)
+        assert fast.generate([prompt], p, speculative=k) == expect
+        assert plain.generate([prompt], p, speculative=k) == expect
+        assert fast.stats == plain.stats
+        stats.append(fast.stats)
+    assert any(s.accepted_at[-1] > 0 for s in stats) and any(s.accepted_at[0] < s.drafted_at[0] for s in stats)
+    assert "speculate" in fast.compiled.kinds and not fast.compiled.failed
+
+
+def test_fast_speculative_k_drafts_are_the_chained_mtp_module(monkeypatch):
+    """Every draft of the fast step equals the chained MTP module's, recomputed without a cache (drafts accepted
+    and rejected), with the longest prompt using the engine's last cache position."""
+    from tests.test_engine import chained_mtp_drafts, near_bigram_model, record_drafts
+    model, k, p = near_bigram_model(0.2, hidden=1.0), 3, SamplingParams(8, temperature=0)
+    fast = Engine(model, max_batch_size=1, max_seq_len=len(PROMPTS[0]) + 8 + 2 * (k - 1), kv_cache_dtype="fp32",
+                  compile=True)
+    run_steps_eagerly(fast.compiled)
+    plain = Engine(model, max_batch_size=1, max_seq_len=48, kv_cache_dtype="fp32", compile=False)
+    seen, accepted = record_drafts(monkeypatch), 0
+    for prompt in PROMPTS:
+        assert fast.generate([prompt], p, speculative=k) == plain.generate([prompt], p)
+        accepted += fast.stats.accepted
+    assert "speculate" in fast.compiled.kinds and len(seen) > 9 and accepted > 0
+    for tokens, drafts in seen:
+        assert drafts == chained_mtp_drafts(model, tokens, k)

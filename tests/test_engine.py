@@ -213,10 +213,11 @@ def test_clear_errors():
 
 
 # ---------------------------------------------------------------------------------------------- speculative
-def near_bigram_model(eps: float):
+def near_bigram_model(eps: float, hidden: float = 0.0):
     """A tiny model whose MTP draft is often right: attention/FFN outputs scaled by eps (the main model is
-    nearly a bigram model) and the MTP module reads only Emb(next token), so it predicts the token after next
-    almost as the main model will. eps > 0 keeps attention (and so every cache) relevant."""
+    nearly a bigram model) and the MTP module reads Emb(next token) and, scaled by `hidden` (default 0: not at
+    all), its random hidden-state input, so it predicts the token after next almost as the main model will.
+    eps > 0 keeps attention (and so every cache) relevant."""
     torch.manual_seed(0)
     model = Transformer(v3_config()).float().eval()
     d = model.config.hidden_size
@@ -225,7 +226,7 @@ def near_bigram_model(eps: float):
             if "o_proj" in name or "down_proj" in name:
                 p.mul_(eps)
         w = model.mtp[0].eh_proj.weight
-        w.zero_()
+        w[:, d:] *= hidden
         w[:, :d] = torch.eye(d)
     return model
 
@@ -252,3 +253,87 @@ def test_speculative_greedy_identical_with_acceptances():
     stop = plain[1][3]
     p_stop = SamplingParams(16, temperature=0, stop_token_ids=(stop,))
     assert engine.generate(PROMPTS, p_stop, speculative=True) == engine.generate(PROMPTS, p_stop)
+
+
+@torch.no_grad()
+def chained_mtp_drafts(model, tokens: list[int], k: int) -> list[int]:
+    """The k drafts after committed tokens x_0 .. x_N (x_N not yet fed), from full forwards without a cache:
+    module 1 over positions 0 .. N-1 on (h^0_i, Emb(x_{i+1})) drafts x_{N+1}; each further draft runs it one
+    position further on its own previous output (before the shared head's norm) and Emb(the previous draft)."""
+    module, ids = model.mtp[0], torch.tensor([tokens])
+    h_prev, nxt = model.hidden_states(ids[:, :-1]), ids[:, 1:]
+    drafts = []
+    for _ in range(k):
+        cos, sin = model.rope(torch.arange(nxt.shape[1]))
+        h1 = module(h_prev, model.embed_tokens(nxt), cos, sin)[:, -1:]
+        drafts.append(int(model.mtp_head(module, h1).argmax()))
+        h_prev, nxt = torch.cat([h_prev, h1], dim=1), torch.cat([nxt, torch.tensor([[drafts[-1]]])], dim=1)
+    return drafts
+
+
+def record_drafts(monkeypatch) -> list:
+    """(committed tokens, drafts) of every speculative row at the start of each step, appended as it runs."""
+    from nanoseek.engine.scheduler import Scheduler
+    seen, real = [], Scheduler._spec
+
+    def spy(self, reqs, finished):
+        seen.extend((r.prompt + r.output, list(r.drafts)) for r in reqs)
+        return real(self, reqs, finished)
+
+    monkeypatch.setattr(Scheduler, "_spec", spy)
+    return seen
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_speculative_k_drafts_identical_with_acceptances(k):
+    """K drafts a step, ragged batch (eager path, each row its own number accepted), every number of accepted
+    drafts from 0 to K occurring: same tokens and logits as plain greedy decoding, and the counters add up."""
+    model = near_bigram_model(0.2)
+    engine = Engine(model, max_batch_size=4, max_seq_len=40, kv_cache_dtype="fp32")
+    p = SamplingParams(16, temperature=0)
+    plain = engine.generate(PROMPTS, p)
+    spec, spec_logits = stream_tokens_and_logits(engine, PROMPTS, p, speculative=k)
+    assert spec == plain
+    for prompt, t, lg in zip(PROMPTS, spec, spec_logits):
+        assert rel_err(lg, reference_logits(model, prompt, t)) < 1e-4
+    s = engine.stats
+    assert len(s.drafted_at) == k and len(set(s.drafted_at)) == 1 and s.drafted == k * s.drafted_at[0]
+    assert s.accepted == sum(s.accepted_at) and s.acceptance_rate == s.accepted / s.drafted
+    assert s.accepted_at == sorted(s.accepted_at, reverse=True)  # draft j+1 only counts when draft j did
+    assert 0 < s.accepted_at[-1] and s.accepted_at[0] < s.drafted_at[0]  # all K accepted, and rejections
+    # a row's step yields 1 + a tokens (the last may accept drafts past max_new_tokens): fewer steps than tokens
+    assert sum(len(t) - 1 for t in spec) <= s.drafted_at[0] + s.accepted and s.steps < max(map(len, spec)) - 1
+    stop = plain[1][3]
+    p_stop = SamplingParams(16, temperature=0, stop_token_ids=(stop,))
+    assert engine.generate(PROMPTS, p_stop, speculative=k) == engine.generate(PROMPTS, p_stop)
+
+
+def test_speculative_k_drafts_are_the_chained_mtp_module(monkeypatch):
+    """Every draft of a ragged batch (eager path) equals the chained MTP module's, recomputed without a cache: the
+    chain reads the module's own output hidden state at the accepted position, at the right positions. The module
+    reads its hidden-state input here (near_bigram_model's hidden=1), and drafts are accepted and rejected."""
+    model, k = near_bigram_model(0.2, hidden=1.0), 3
+    engine = Engine(model, max_batch_size=2, max_seq_len=40, kv_cache_dtype="fp32")
+    seen = record_drafts(monkeypatch)
+    prompts = PROMPTS[:2]  # 13 and 1 tokens
+    p = SamplingParams(12, temperature=0)
+    spec, stats = engine.generate(prompts, p, speculative=k), engine.stats
+    assert spec == engine.generate(prompts, p)
+    assert len(seen) > 12 and 0 < stats.accepted_at[-1] and stats.accepted_at[0] < len(seen)
+    for tokens, drafts in seen:
+        assert drafts == chained_mtp_drafts(model, tokens, k)
+
+
+def test_speculative_draft_count_and_room_errors():
+    engine = Engine(tiny_model(), max_batch_size=1, max_seq_len=16, kv_cache_dtype="fp32")
+    p = SamplingParams(4, temperature=0)
+    for bad in (-1, 9):
+        with pytest.raises(ValueError, match="drafts per step"):
+            engine.generate([[1]], p, speculative=bad)
+    with pytest.raises(TypeError, match="speculative"):
+        engine.generate([[1]], p, speculative=2.0)
+    prompt = list(range(1, 11))  # 10 + 4 new tokens: room for 2 drafts a step (2 (K - 1) = 2 more), not 3
+    with pytest.raises(ValueError, match="speculative=3.*max_seq_len=16"):
+        engine.generate([prompt], p, speculative=3)
+    assert engine.generate([prompt], p, speculative=2) == engine.generate([prompt], p)  # exactly full: no overrun
+    assert engine.generate([prompt], p, speculative=True) == engine.generate([prompt], p)

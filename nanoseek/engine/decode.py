@@ -6,11 +6,12 @@ own modules) spends most of its time elsewhere: hundreds of small ops per layer,
 BLAS matrix-vector products that stream rows of 512 numbers at half the machine's bandwidth. Here one block step is
 a free function of plain tensors, `decode_layer`, the final norm and output head another, `decode_head`, and a
 whole step `decode_forward` (`speculate_forward` for MTP self-speculation) is compiled once per engine into one
-graph of a few fused kernels per layer:
+graph of a few fused kernels per layer, with its wrapper (buffers, kernel calls) generated as C++ on CPU:
 
   - a product with one row of activations is written `(x * w).sum(-1)`, which the compiler turns into one
-    streaming reduction over w (on the 2-core CPU of BENCHMARKS.md: ~3x the GB/s of BLAS gemv for the 32000 x 512
-    output head; two rows, as speculative verification has, fuse into the same pass, 4x faster than F.linear);
+    streaming reduction over w (two rows, as speculative verification has, fuse into the same pass);
+  - the output head, the largest weight, is the exception on CPU: a BLAS product over a transposed copy, which
+    streams rows of `vocab` numbers (BENCHMARKS.md: 15.9 GB/s against 13.0 for rows of 512 on one core);
   - routed experts are gathered by index inside that reduction, `(w[idx] * x).sum(-1)` (gpt-fast's MoE): only
     the top-k experts' rows are read, with no sort, no per-expert loop and no host sync;
   - RoPE, RMSNorm, the latent-cache write, the absorbed attention (DeepSeek-V2 section 2.1.2) and its mask fuse
@@ -115,8 +116,12 @@ def decode_layer(h, cos, sin, c_cache, k_cache, pos, w: dict, cfg):
 
 
 def decode_head(h, norm_w, head_w, eps: float):
-    """Final norm and output head for h [N, d] -> (normalised h [N, d], fp32 logits [N, vocab])."""
+    """Final norm and output head for h [N, d] -> (normalised h [N, d], fp32 logits [N, vocab]). head_w is
+    [vocab, d], either the weight itself or the transpose of a [d, vocab] copy (CompiledDecode on CPU): then one
+    BLAS product that streams rows of `vocab` numbers, faster there than any pass over rows of d."""
     h = _rms(h, norm_w, eps)
+    if head_w.stride(-1) != 1:  # static at trace time: the graph holds one branch
+        return h, F.linear(h, head_w).float()
     return h, _mv(h, head_w).float()
 
 
@@ -137,21 +142,49 @@ def decode_forward(tokens, cos, sin, pos, c_caches, k_caches, weights, norm_w, h
     return decode_head(h.view(-1, h.shape[-1]), norm_w, head_w, cfg.rms_norm_eps)
 
 
+def accepted_count(greedy: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+    """How many leading drafts [..., K] equal the main model's greedy choice before them (greedy [..., K]), up to
+    the first mismatch: [...] in 0 .. K."""
+    return (greedy == drafts).long().cumprod(dim=-1).sum(dim=-1)
+
+
 def speculate_forward(tokens, cos, sin, pos, c_caches, k_caches, weights, norm_w, head_w, embed_w, mtp_c, mtp_k,
-                      mtp_w, cfg):
-    """nanoseek/engine/speculative.py spec_step for one row, as one graph: verify tokens [1, 2] = [pending, draft]
-    with the main model, then run the first MTP module at both positions on (h_j, the main model's greedy token
-    after j) and draft from the accepted position only. Returns logits [1, 2, vocab], accepted [1], bonus [1],
-    next draft [1]."""
+                      mtp_w, chain_cos, chain_sin, cfg):
+    """nanoseek/engine/speculative.py spec_step for one row, as one graph; K = tokens.shape[1] - 1 is static (one
+    graph per K). Verify tokens [1, K+1] = [pending, d_1 .. d_K] at positions pos [1, K+1] = n .. n+K with the
+    main model; run the first MTP module at all K+1 positions on (h_j, the main model's greedy token after j) and
+    draft from the accepted position n+a only; then chain the module (mtp_chain) at n+a+1 .. n+a+K-1 on its own
+    output and Emb(its previous draft). chain_cos / chain_sin are the rotations of positions n+1 .. n+2K-1
+    [1, 2K-1, rope/2]: the chain's positions depend on a, so they are picked inside the graph. Returns logits
+    [1, K+1, vocab], accepted [1] (a), bonus [1], next drafts [1, K]."""
+    k, eps = tokens.shape[1] - 1, cfg.rms_norm_eps
     h, logits = decode_forward(tokens, cos, sin, pos, c_caches, k_caches, weights, norm_w, head_w, embed_w, cfg)
-    greedy = logits.argmax(dim=-1)  # [2]
-    accepted = (greedy[:1] == tokens[0, 1:]).long()
+    greedy = logits.argmax(dim=-1)  # [K+1]
+    accepted = accepted_count(greedy[None, :k], tokens[:, 1:])
     bonus = greedy[accepted]
-    x = mtp_input(F.embedding(greedy[None], embed_w), h[None], mtp_w["enorm"], mtp_w["hnorm"], mtp_w["eh_proj"],
-                  cfg.rms_norm_eps)
-    h1 = decode_layer(x, cos, sin, mtp_c, mtp_k, pos, mtp_w, cfg)
-    _, draft_logits = decode_head(h1[0].index_select(0, accepted), mtp_w["head_norm"], head_w, cfg.rms_norm_eps)
-    return logits[None], accepted, bonus, draft_logits.argmax(dim=-1)
+    x = mtp_input(F.embedding(greedy[None], embed_w), h[None], mtp_w["enorm"], mtp_w["hnorm"], mtp_w["eh_proj"], eps)
+    h1 = decode_layer(x, cos, sin, mtp_c, mtp_k, pos, mtp_w, cfg)[0].index_select(0, accepted)  # [1, d]
+    first = decode_head(h1, mtp_w["head_norm"], head_w, eps)[1].argmax(dim=-1)
+    drafts = mtp_chain_forward(h1, first, pos[:, :1] + 1 + accepted, accepted, chain_cos, chain_sin, mtp_c, mtp_k,
+                               mtp_w, head_w, embed_w, k, cfg)
+    return logits[None], accepted, bonus, drafts
+
+
+def mtp_chain_forward(h1, first, start, offset, cos_t, sin_t, mtp_c, mtp_k, mtp_w, head_w, embed_w, k: int, cfg):
+    """speculative.mtp_chain for one row: from the MTP module's output h1 [1, d] and its draft `first` [1] (made at
+    position start - 1), pass j = 0 .. k-2 runs the module at position start + j (start [1, 1]) on (its previous
+    output, Emb(the previous draft)) and drafts again: that position stands where the main model's h would be.
+    cos_t / sin_t [1, P, rope/2] rotate a range of positions that holds start at index `offset` [1]. Returns the
+    drafts [1, k]."""
+    eps, drafts = cfg.rms_norm_eps, [first]
+    for j in range(k - 1):
+        x = mtp_input(F.embedding(drafts[-1][None], embed_w), h1[None], mtp_w["enorm"], mtp_w["hnorm"],
+                      mtp_w["eh_proj"], eps)
+        at = offset + j
+        h1 = decode_layer(x, cos_t.index_select(1, at), sin_t.index_select(1, at), mtp_c, mtp_k, start + j, mtp_w,
+                          cfg)[0]
+        drafts.append(decode_head(h1, mtp_w["head_norm"], head_w, eps)[1].argmax(dim=-1))
+    return torch.stack(drafts, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -193,13 +226,14 @@ def layer_weights(layer) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- per engine
 class CompiledDecode:
-    """The engine's compiled decode steps at batch 1: plain decoding (one new token, decode_forward) and
-    self-speculative verification (two, then the MTP module's draft: speculate_forward).
+    """The engine's compiled decode steps at batch 1: plain decoding (one new token, decode_forward),
+    self-speculative verification (K + 1 tokens, then the MTP module's K drafts: speculate_forward, one graph per
+    K) and the drafts after a prompt (the MTP module chained: mtp_chain_forward).
 
     `compile_seconds` sums the steps that compiled (each kind's first, when the compiler traces and builds its
     kernels, and one more past 4,096 cached tokens: _run), paid once per engine; later steps only run them. If
     compilation or a compiled step fails, one warning says so and the engine decodes with its plain path from then
-    on (`failed` set). `kinds` names the steps that have run compiled ("step", "speculate")."""
+    on (`failed` set). `kinds` names the steps that have run compiled ("step", "speculate", "chain")."""
 
     def __init__(self, model, cache):
         self.model, self.cache, self.cfg = model, cache, model.config
@@ -219,12 +253,16 @@ class CompiledDecode:
             self.mtp_weights.update(enorm=mtp.enorm.weight.detach(), hnorm=mtp.hnorm.weight.detach(),
                                     eh_proj=mtp.eh_proj.weight.detach(),
                                     head_norm=mtp.shared_head.norm.weight.detach())
+        self._head_t, self._head_key = None, None
         self.failed = False
         self.compile_seconds: float | None = None
         self.kinds: set[str] = set()
         # static shapes except the cached length, marked dynamic per call (_caches)
-        self._decode = torch.compile(decode_forward)
-        self._spec = torch.compile(speculate_forward)
+        # on CPU the graph's wrapper (buffer allocation, ~100 kernel calls) runs as C++, not Python: ~5% of a step
+        options = {"cpp_wrapper": True} if self.head[1].device.type == "cpu" else None
+        self._decode = torch.compile(decode_forward, options=options)
+        self._spec = torch.compile(speculate_forward, options=options)
+        self._chain = torch.compile(mtp_chain_forward, options=options)
 
     def usable(self, rows, speculative: bool = False) -> bool:
         return (self.supported and not self.failed and (self.mtp_supported or not speculative)
@@ -259,20 +297,59 @@ class CompiledDecode:
             torch._dynamo.maybe_mark_dynamic(x, 1)
         return cs, ks
 
-    def _inputs(self, rows: slice, n: int, tokens: torch.Tensor):
+    def _head_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The output head as decode_head reads it. On CPU a [d, vocab] copy, passed transposed: a BLAS product
+        over it streams the head (the largest weight a step reads, 42% of `small`'s bytes) ~20% faster than
+        rows of d numbers do (BENCHMARKS.md). The copy costs the head's memory once more and is made again when
+        the weight changes (an optimizer step between rollouts bumps its version counter)."""
+        if w.device.type != "cpu":
+            return w
+        key = (w.data_ptr(), w._version if not w.is_inference() else 0)
+        if self._head_t is None or self._head_key != key:
+            self._head_t, self._head_key = w.t().contiguous(), key
+        return self._head_t.t()
+
+    def _inputs(self, rows: slice, n: int, tokens: torch.Tensor, rope=None):
+        """The step's arguments up to the head; `rope` (cos, sin) [1, >= t, rope/2] from position n when the caller
+        has the rotations already."""
         t = tokens.shape[1]
         pos = torch.arange(n, n + t, device=tokens.device)[None]
-        cos, sin = self.model.rope(pos)
-        return (tokens, cos, sin, pos, *self._caches(self.cache, rows, n + t), self.weights, *self.head)
+        cos, sin = self.model.rope(pos) if rope is None else (rope[0][:, :t], rope[1][:, :t])
+        norm_w, head_w, embed_w = self.head
+        return (tokens, cos, sin, pos, *self._caches(self.cache, rows, n + t), self.weights, norm_w,
+                self._head_weight(head_w), embed_w)
 
     def __call__(self, rows: slice, n: int, tokens: torch.Tensor) -> torch.Tensor | None:
         """Feed tokens [1, t] at positions n .. n+t-1 of cache row `rows`; fp32 logits [t, vocab] (None: failed)."""
         out = self._run("step", self._decode, *self._inputs(rows, n, tokens), self.cfg)
         return None if out is None else out[1]
 
-    def speculate(self, rows: slice, n: int, pending: torch.Tensor, draft: torch.Tensor, mtp_cache):
-        """speculative.spec_step for one row: verify [pending, draft] at n, n+1, then the MTP module's next draft
-        (its latents go to `mtp_cache`). Returns what spec_step returns, or None after a failure."""
-        tokens = torch.stack([pending, draft], dim=1)
-        (mtp_c,), (mtp_k,) = self._caches(mtp_cache, rows, n + 2)
-        return self._run("speculate", self._spec, *self._inputs(rows, n, tokens), mtp_c, mtp_k, self.mtp_weights, self.cfg)
+    def speculate(self, rows: slice, n: int, pending: torch.Tensor, drafts: torch.Tensor, mtp_cache):
+        """speculative.spec_step for one row: verify [pending, d_1 .. d_K] (pending [1], drafts [1, K]) at
+        n .. n+K, then the MTP module's next K drafts (its latents go to `mtp_cache`, positions up to n+2K-1).
+        Returns what spec_step returns, or None after a failure."""
+        k = drafts.shape[1]
+        tokens = torch.cat([pending[:, None], drafts], dim=1)
+        cos, sin = self.model.rope(torch.arange(n, n + 2 * k, device=tokens.device)[None])  # verify, then chain
+        inputs = self._inputs(rows, n, tokens, (cos, sin))
+        (mtp_c,), (mtp_k,) = self._caches(mtp_cache, rows, n + 2 * k)
+        chain_cos, chain_sin = cos[:, 1:], sin[:, 1:]
+        # K is a shape, not a dynamic dimension: each K traces its own graph (a recompile would otherwise make the
+        # token dimension symbolic)
+        for x in (*inputs[:4], chain_cos, chain_sin):  # tokens, cos, sin, pos: [1, K+1, ...]
+            torch._dynamo.mark_static(x, 1)
+        return self._run("speculate", self._spec, *inputs, mtp_c, mtp_k, self.mtp_weights, chain_cos, chain_sin,
+                         self.cfg)
+
+    def chain(self, rows: slice, start: int, h1: torch.Tensor, first: torch.Tensor, k: int, mtp_cache):
+        """speculative.mtp_chain for one row, compiled: drafts 2 .. k from the MTP module's output h1 [1, d] and
+        draft `first` [1] at position start - 1 (after a prompt's MTP pass). Returns the drafts [1, k], or None
+        after a failure."""
+        cos_t, sin_t = self.model.rope(torch.arange(start, start + k - 1, device=h1.device)[None])
+        torch._dynamo.mark_static(cos_t, 1)
+        torch._dynamo.mark_static(sin_t, 1)
+        (mtp_c,), (mtp_k,) = self._caches(mtp_cache, rows, start + k - 1)
+        head_w = self._head_weight(self.head[1])
+        zero = torch.zeros(1, dtype=torch.long, device=h1.device)
+        return self._run("chain", self._chain, h1, first, torch.tensor([[start]], device=h1.device), zero, cos_t,
+                         sin_t, mtp_c, mtp_k, self.mtp_weights, head_w, self.head[2], k, self.cfg)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,19 +25,42 @@ from nanoseek.engine.decode import CompiledDecode, compile_default
 from nanoseek.engine.prefix_cache import PrefixCache
 from nanoseek.engine.sampling import SamplingParams, TokenEvent
 from nanoseek.engine.scheduler import Request, Scheduler
+from nanoseek.engine.speculative import draft_tokens
 
 
 @dataclass
 class SpecStats:
-    """Speculative decoding counters of the last generate/stream call (one MTP draft per sequence and step)."""
+    """Speculative decoding counters of the last generate/stream call: `drafted` counts every MTP draft (K per
+    sequence and step), `accepted` every accepted one, `steps` the verify forwards. Per draft position j (0-based),
+    `drafted_at[j]` and `accepted_at[j]` count the same; draft j + 1 is accepted only if draft j was."""
 
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+
+    def record(self, k: int, a: int) -> None:
+        """One sequence's step: k drafts, the first a of them accepted."""
+        grow = k - len(self.drafted_at)
+        if grow > 0:
+            self.drafted_at += [0] * grow
+            self.accepted_at += [0] * grow
+        for j in range(k):
+            self.drafted_at[j] += 1
+            self.accepted_at[j] += int(j < a)
+        self.drafted += k
+        self.accepted += a
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Fraction of draft j's (0-based) that were accepted, for j = 0 .. K-1: never rises with j, as draft j + 1
+        needs draft j accepted and is the chained module's guess one position further out."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
 
 
 def request_seed(seed: int | None, i: int) -> int | None:
@@ -105,21 +128,26 @@ class Engine:
         return self.cache.nbytes() // (self.max_batch_size * self.max_seq_len)
 
     # ------------------------------------------------------------------ public API
-    def generate(self, prompts: list[list[int]], params: SamplingParams, speculative: bool = False) -> list[list[int]]:
-        """New tokens for each prompt (stop token included when one ended the sequence)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 speculative: bool | int = False) -> list[list[int]]:
+        """New tokens for each prompt (stop token included when one ended the sequence); `speculative` as in
+        `stream`."""
         out: list[list[int]] = [[] for _ in prompts]
         for ev in self.stream(prompts, params, speculative):
             out[ev.seq].append(ev.token)
         return out
 
-    def stream(self, prompts: list[list[int]], params: SamplingParams, speculative: bool = False,
+    def stream(self, prompts: list[list[int]], params: SamplingParams, speculative: bool | int = False,
                return_logits: bool = False) -> Iterator[TokenEvent]:
         """Yield TokenEvent(seq, token[, logits]) as tokens are produced, in order within each sequence. Each
-        step yields at most one token per live sequence (speculative steps up to two: draft, then bonus).
+        step yields at most one token per live sequence (speculative steps up to K + 1: accepted drafts, then
+        the bonus).
 
-        speculative=True drafts one token per step with the first MTP module and verifies it together with the
-        pending token in one forward of the main model; greedy only (temperature 0 or top_k 1), and the output
-        is the same as plain greedy decoding. Counters go to `engine.stats` (acceptance_rate).
+        speculative=K (an int, 1 .. 8; True means 1, False or 0 off) drafts K tokens per step with the first MTP
+        module, chained for K > 1 (nanoseek/engine/speculative.py), and verifies them together with the pending
+        token in one forward of the main model; greedy only (temperature 0 or top_k 1), and the output is the same
+        as plain greedy decoding. Each sequence needs 2 (K - 1) cache positions of room beyond its tokens
+        (check_request). Counters go to `engine.stats` (acceptance_rate, acceptance_by_position).
 
         Bad requests raise ValueError here, before the first token is asked for."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -129,8 +157,9 @@ class Engine:
                              "or build the Engine with a larger max_batch_size")
         for i, p in enumerate(prompts):
             self.check_request(p, params, speculative, what=f"prompt {i}")
+        k = draft_tokens(speculative)
         return self._stream([Request(list(p), dataclasses.replace(params, seed=request_seed(params.seed, i)),
-                                     speculative=speculative, return_logits=return_logits)
+                                     speculative=k, return_logits=return_logits)
                              for i, p in enumerate(prompts)])
 
     def _stream(self, reqs: list[Request]) -> Iterator[TokenEvent]:
@@ -149,8 +178,10 @@ class Engine:
             for r in reqs:
                 self.scheduler.abort(r)
 
-    def check_request(self, prompt, params: SamplingParams, speculative: bool = False, what: str = "the prompt"):
+    def check_request(self, prompt, params: SamplingParams, speculative: bool | int = False,
+                      what: str = "the prompt"):
         """Raise ValueError (TypeError for wrong types) saying what to change when a request cannot run."""
+        k = draft_tokens(speculative)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if len(prompt) == 0:
@@ -163,11 +194,19 @@ class Engine:
             raise ValueError(f"{what} has {len(prompt)} tokens; with max_new_tokens={params.max_new_tokens} that "
                              f"exceeds max_seq_len={self.max_seq_len}: shorten the prompt, lower "
                              "max_new_tokens or build the Engine with a larger max_seq_len")
-        if speculative:
+        if k:
             if len(self.model.mtp) == 0:
                 raise ValueError("speculative=True needs a model with MTP modules (num_nextn_predict_layers >= 1)")
             if not (params.greedy or params.top_k == 1):
                 raise ValueError("speculative decoding is greedy only here: use temperature=0 (or top_k=1)")
+            # the last step verifies K drafts past the last token (main cache) and chains the MTP module up to
+            # K - 1 positions past those (its cache): 2 (K - 1) positions beyond what plain decoding needs
+            room = 2 * (k - 1)
+            if len(prompt) + max(params.max_new_tokens, 1) + room > self.max_seq_len:
+                raise ValueError(f"{what} has {len(prompt)} tokens; with max_new_tokens={params.max_new_tokens} and "
+                                 f"speculative={k} ({room} positions of room for the drafts) that exceeds "
+                                 f"max_seq_len={self.max_seq_len}: draft fewer tokens per step, shorten the prompt, "
+                                 "lower max_new_tokens or build the Engine with a larger max_seq_len")
             if self.mtp_cache is None:
                 self.mtp_cache = self._new_cache(1)
 

@@ -1,6 +1,6 @@
 """Continuous batching: the request loop. Every `step()` admits waiting requests into free cache rows, prefills
-them in chunks alongside the rows that decode, samples one token per decoding row (two for a speculative row whose
-draft was accepted), and retires finished requests at once so their rows are free for the next step.
+them in chunks alongside the rows that decode, samples one token per decoding row (1 + a for a speculative row whose
+first a drafts were accepted), and retires finished requests at once so their rows are free for the next step.
 
 A request owns one row of the latent cache from admission to retirement; when a request retires, the one in the
 highest row moves into its place, so live rows stay 0 .. b-1 and every forward reads a slice. Requests with an
@@ -35,7 +35,7 @@ class Request:
 
     prompt: list[int]
     params: SamplingParams
-    speculative: bool = False
+    speculative: int = 0  # MTP drafts per step (K); 0: plain decoding
     return_logits: bool = False
     logprobs: int | None = None
     prompt_logprobs: bool = False
@@ -52,7 +52,7 @@ class Request:
     leader: Request | None = None
     followers: list = field(default_factory=list)
     hidden: list = field(default_factory=list)  # speculative: prefill hidden states, for the MTP cache
-    draft: int | None = None
+    drafts: list[int] = field(default_factory=list)  # speculative: the next step's K drafts
 
     @property
     def finished(self) -> bool:
@@ -142,8 +142,8 @@ class Scheduler:
             for r in plain:
                 r.n += 1
             events += self._emit(plain, logits, finished)
-        if spec:
-            events += self._spec(spec, finished)
+        for k in sorted({r.speculative for r in spec}):  # one verify forward per draft count
+            events += self._spec([r for r in spec if r.speculative == k], finished)
         return events, finished
 
     def _admit(self) -> None:
@@ -196,10 +196,12 @@ class Scheduler:
         spec = [r for r in rows if r.speculative and not r.finished]
         if spec:
             from nanoseek.engine.speculative import mtp_prefill
-            drafts = mtp_prefill(self.engine, [r.row for r in spec], [r.prompt for r in spec],
-                                 [torch.cat(r.hidden) for r in spec], [r.pending for r in spec])
-            for r, d in zip(spec, drafts.tolist()):
-                r.draft, r.hidden = d, []
+            for k in sorted({r.speculative for r in spec}):
+                group = [r for r in spec if r.speculative == k]
+                drafts = mtp_prefill(self.engine, [r.row for r in group], [r.prompt for r in group],
+                                     [torch.cat(r.hidden) for r in group], [r.pending for r in group], k)
+                for r, d in zip(group, drafts.tolist()):
+                    r.drafts, r.hidden = d, []
         return events
 
     def _chunks(self, reqs: list[Request]) -> list[tuple[Request, int]]:
@@ -269,19 +271,19 @@ class Scheduler:
         n = torch.tensor([r.n for r in reqs], device=e.device)
         verify, accepted, bonus, drafts = spec_step(
             e, e.rows_index([r.row for r in reqs]), n, torch.tensor([r.pending for r in reqs], device=e.device),
-            torch.tensor([r.draft for r in reqs], device=e.device), e.step_mask)
+            torch.tensor([r.drafts for r in reqs], device=e.device), e.step_mask)
         e.stats.steps += 1
-        acc = accepted.tolist()
+        acc, bonus, drafts = accepted.tolist(), bonus.tolist(), drafts.tolist()
         for r, a in zip(reqs, acc):  # every row's length first: a retirement below may move a row (copying < n)
             r.n += 1 + a
         events = []
         for j, r in enumerate(reqs):
             a = acc[j]
-            e.stats.drafted += 1
-            e.stats.accepted += a
-            for k in range(a + 1):  # accepted drafts are the main model's own greedy choices
-                events.append(self._token(r, int(verify[j, k].argmax()), verify[j, k], finished))
+            e.stats.record(len(r.drafts), a)
+            # the accepted drafts are the main model's own greedy choices, then its choice after them
+            for k, tok in enumerate(r.drafts[:a] + [bonus[j]]):
+                events.append(self._token(r, tok, verify[j, k], finished))
                 if r.finished:
                     break
-            r.pending, r.draft = int(bonus[j]), int(drafts[j])
+            r.pending, r.drafts = bonus[j], drafts[j]
         return events
