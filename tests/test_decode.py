@@ -122,16 +122,20 @@ def test_compiled_step_same_tokens_as_plain():
     assert fast.generate(PROMPTS, GREEDY) == plain.generate(PROMPTS, GREEDY)  # ragged: plain path, then fast
 
 
+def fast_and_plain(model, compiled: bool):
+    """A compiled-step engine (its steps run eagerly unless `compiled`) and a plain one over the same model."""
+    fast = Engine(model, max_batch_size=1, max_seq_len=48, kv_cache_dtype="fp32", compile=True)
+    if not compiled:
+        run_steps_eagerly(fast.compiled)
+    return fast, Engine(model, max_batch_size=1, max_seq_len=48, kv_cache_dtype="fp32", compile=False)
+
+
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
     os.environ.get("NANOSEEK_TEST_COMPILE") != "1", reason="compiles for ~30 s; NANOSEEK_TEST_COMPILE=1 runs it"))])
 def test_fast_speculative_same_tokens_as_plain(compiled):
     """Batch-1 self-speculative decoding through the fast step, drafts accepted and rejected: plain greedy tokens."""
     from tests.test_engine import near_bigram_model
-    model = near_bigram_model(0.3)
-    fast = Engine(model, max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp32", compile=True)
-    if not compiled:
-        run_steps_eagerly(fast.compiled)
-    plain = Engine(model, max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp32", compile=False)
+    fast, plain = fast_and_plain(near_bigram_model(0.3), compiled)
     p = SamplingParams(16, temperature=0)
     for prompt in PROMPTS:
         expect = plain.generate([prompt], p)
@@ -146,11 +150,7 @@ def test_fast_speculative_k_drafts_same_tokens_as_plain(k, compiled):
     """K drafts a step through the fast step (one graph per K), every number of accepted drafts from 0 to K
     occurring: plain greedy tokens, and the same acceptance per draft position as the eager path."""
     from tests.test_engine import near_bigram_model
-    model = near_bigram_model(0.2)
-    fast = Engine(model, max_batch_size=1, max_seq_len=48, kv_cache_dtype="fp32", compile=True)
-    if not compiled:
-        run_steps_eagerly(fast.compiled)
-    plain = Engine(model, max_batch_size=1, max_seq_len=48, kv_cache_dtype="fp32", compile=False)
+    fast, plain = fast_and_plain(near_bigram_model(0.2), compiled)
     p = SamplingParams(16, temperature=0)
     stats = []
     for prompt in PROMPTS:

@@ -238,18 +238,24 @@ def test_speculative_greedy_identical_random_model():
     assert engine.stats.drafted == 0  # stats belong to the last call (non-speculative here)
 
 
-def test_speculative_greedy_identical_with_acceptances():
-    """Ragged batch, some drafts accepted and some rejected (caches rewound), per-row stops: same tokens and
-    logits as plain greedy decoding."""
-    model = near_bigram_model(0.3)
+def speculative_like_plain(model, k):
+    """Greedy decoding of the ragged PROMPTS with speculative=k: the tokens plain decoding gives and the logits of
+    full forwards over them. Returns (engine, plain tokens, speculative tokens); engine.stats are the k run's."""
     engine = Engine(model, max_batch_size=4, max_seq_len=40, kv_cache_dtype="fp32")
     p = SamplingParams(16, temperature=0)
     plain = engine.generate(PROMPTS, p)
-    spec, spec_logits = stream_tokens_and_logits(engine, PROMPTS, p, speculative=True)
+    spec, spec_logits = stream_tokens_and_logits(engine, PROMPTS, p, speculative=k)
     assert spec == plain
-    assert 0.1 < engine.stats.acceptance_rate < 0.9, engine.stats
     for prompt, t, lg in zip(PROMPTS, spec, spec_logits):
         assert rel_err(lg, reference_logits(model, prompt, t)) < 1e-4
+    return engine, plain, spec
+
+
+def test_speculative_greedy_identical_with_acceptances():
+    """Ragged batch, some drafts accepted and some rejected (caches rewound), per-row stops: same tokens and
+    logits as plain greedy decoding."""
+    engine, plain, _ = speculative_like_plain(near_bigram_model(0.3), True)
+    assert 0.1 < engine.stats.acceptance_rate < 0.9, engine.stats
     stop = plain[1][3]
     p_stop = SamplingParams(16, temperature=0, stop_token_ids=(stop,))
     assert engine.generate(PROMPTS, p_stop, speculative=True) == engine.generate(PROMPTS, p_stop)
@@ -288,14 +294,7 @@ def record_drafts(monkeypatch) -> list:
 def test_speculative_k_drafts_identical_with_acceptances(k):
     """K drafts a step, ragged batch (eager path, each row its own number accepted), every number of accepted
     drafts from 0 to K occurring: same tokens and logits as plain greedy decoding, and the counters add up."""
-    model = near_bigram_model(0.2)
-    engine = Engine(model, max_batch_size=4, max_seq_len=40, kv_cache_dtype="fp32")
-    p = SamplingParams(16, temperature=0)
-    plain = engine.generate(PROMPTS, p)
-    spec, spec_logits = stream_tokens_and_logits(engine, PROMPTS, p, speculative=k)
-    assert spec == plain
-    for prompt, t, lg in zip(PROMPTS, spec, spec_logits):
-        assert rel_err(lg, reference_logits(model, prompt, t)) < 1e-4
+    engine, plain, spec = speculative_like_plain(near_bigram_model(0.2), k)
     s = engine.stats
     assert len(s.drafted_at) == k and len(set(s.drafted_at)) == 1 and s.drafted == k * s.drafted_at[0]
     assert s.accepted == sum(s.accepted_at) and s.acceptance_rate == s.accepted / s.drafted

@@ -11,7 +11,7 @@ graph of a few fused kernels per layer, with its wrapper (buffers, kernel calls)
   - a product with one row of activations is written `(x * w).sum(-1)`, which the compiler turns into one
     streaming reduction over w (two rows, as speculative verification has, fuse into the same pass);
   - the output head, the largest weight, is the exception on CPU: a BLAS product over a transposed copy, which
-    streams rows of `vocab` numbers (BENCHMARKS.md: 15.9 GB/s against 13.0 for rows of 512 on one core);
+    streams rows of `vocab` numbers (BENCHMARKS.md: 16.4 GB/s against 13.0-13.2 for rows of 512 on one core);
   - routed experts are gathered by index inside that reduction, `(w[idx] * x).sum(-1)` (gpt-fast's MoE): only
     the top-k experts' rows are read, with no sort, no per-expert loop and no host sync;
   - RoPE, RMSNorm, the latent-cache write, the absorbed attention (DeepSeek-V2 section 2.1.2) and its mask fuse
