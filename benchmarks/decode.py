@@ -6,6 +6,7 @@ nanoseek runs twice: its plain eager path (compile=False) and the compiled batch
     python benchmarks/decode.py                 # contexts 256, 2048, 8192 at batch 1 and 8
     python benchmarks/decode.py --quick         # 256 and 2048, batch 1
     python benchmarks/decode.py --contexts 8192 --batches 1 --json
+    python benchmarks/decode.py --quick --device cuda   # on a GPU (make gpu-check): the roofline of its memory
     python benchmarks/decode.py --compare-prefill   # also time nanoseek prefill: expanded vs absorbed attention
     python benchmarks/decode.py --speculative runs/demo/run/latest --repeats 11   # MTP self-speculative decoding
     python benchmarks/decode.py --speculative runs/demo/run/latest --draft-tokens 3   # 3 chained MTP drafts a step
@@ -46,7 +47,7 @@ from nanoseek.engine import Engine, SamplingParams  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def machine() -> dict:
+def machine(device="cpu") -> dict:
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -56,20 +57,31 @@ def machine() -> dict:
                     break
     except OSError:
         pass
-    return {"cpu": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    info = {"cpu": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
-def weight_read_rate(dtype: torch.dtype, repeats: int = 9) -> float:
-    """GB/s of a large matrix-vector product (16384 x 8192, 537 MB in fp32) at the current thread count: the
-    rate at which this machine streams weights from memory. Median of `repeats` after two warm-ups."""
-    w = torch.randn(16384, 8192).to(dtype)
-    x = torch.randn(8192).to(dtype)
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def weight_read_rate(dtype: torch.dtype, repeats: int = 9, device="cpu") -> float:
+    """GB/s of a large matrix-vector product (16384 x 8192, 537 MB in fp32) at the current thread count (on CPU):
+    the rate at which this machine streams weights from memory (on a GPU, from its memory). Median of `repeats`
+    after two warm-ups."""
+    w = torch.randn(16384, 8192, device=device).to(dtype)
+    x = torch.randn(8192, device=device).to(dtype)
     for _ in range(2):
         torch.mv(w, x)
     ts = []
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         torch.mv(w, x)
+        sync(device)
         ts.append(time.perf_counter() - t0)
     return w.numel() * w.element_size() / statistics.median(ts) / 1e9
 
@@ -114,7 +126,7 @@ def step_bytes(cfg, model, batch: int, context: float, weight_bytes: int, cache_
     return params * weight_bytes + batch * context * cache_bytes_per_token
 
 
-def build_models(preset: str, dtype: torch.dtype, seed: int):
+def build_models(preset: str, dtype: torch.dtype, seed: int, device="cpu"):
     import transformers
     torch.manual_seed(seed)
     cfg = ModelConfig.from_preset(preset)
@@ -123,7 +135,7 @@ def build_models(preset: str, dtype: torch.dtype, seed: int):
         ours.save_pretrained(os.path.join(tmp, "ckpt"))
         hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "ckpt"), dtype=dtype,
                                                                attn_implementation="sdpa").eval()
-    return cfg, ours, hf
+    return cfg, ours.to(device), hf.to(device)
 
 
 class _Clock:
@@ -133,6 +145,7 @@ class _Clock:
         self.times = []
 
     def put(self, value):
+        sync(value.device)  # on a GPU the token is only known once its step has run
         self.times.append(time.perf_counter())
 
     def end(self):
@@ -140,6 +153,7 @@ class _Clock:
 
 
 def run_hf(hf, prompts: torch.Tensor, new_tokens: int):
+    prompts = prompts.to(hf.device)
     clock = _Clock()
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -164,7 +178,7 @@ def run_ours(engine: Engine, prompts: list[list[int]], new_tokens: int):
 
 @torch.inference_mode()
 def hf_cache_bytes_per_token(hf, length: int) -> int:
-    ids = torch.randint(0, hf.config.vocab_size, (1, length))
+    ids = torch.randint(0, hf.config.vocab_size, (1, length), device=hf.device)
     cache = hf(ids, use_cache=True).past_key_values
     total = 0
     for layer in cache.layers:
@@ -195,8 +209,8 @@ def step_costs(engine: Engine, n: int, k: int = 1, repeats: int = 30) -> dict:
     """Median seconds of one compiled batch-1 step at `n` cached tokens: a plain decoding step and a speculative
     one with k drafts (verify k + 1 tokens, run the MTP block over them, then k - 1 more times to chain the
     drafts). Writes cache positions n .. n + 2k - 1 of row 0 (scratch; the drafts are rejected, a = 0)."""
-    c, rows = engine.compiled, slice(0, 1)
-    one, pend, drafts = torch.tensor([[5]]), torch.tensor([5]), torch.full((1, k), 6)
+    c, rows, dev = engine.compiled, slice(0, 1), engine.device
+    one, pend, drafts = torch.tensor([[5]], device=dev), torch.tensor([5], device=dev), torch.full((1, k), 6, device=dev)
     steps = {"plain": lambda: c(rows, n, one),
              "speculative": lambda: c.speculate(rows, n, pend, drafts, engine.mtp_cache)}
     out = {}
@@ -206,12 +220,13 @@ def step_costs(engine: Engine, n: int, k: int = 1, repeats: int = 30) -> dict:
             for _ in range(repeats + 3):
                 t0 = time.perf_counter()
                 f()
+                sync(dev)
                 ts.append(time.perf_counter() - t0)
             out[name] = statistics.median(ts[3:])
     return out
 
 
-def time_speculative(ckpt: str, prompt: str, new_tokens: int, repeats: int, k: int = 1) -> dict:
+def time_speculative(ckpt: str, prompt: str, new_tokens: int, repeats: int, k: int = 1, device="cpu") -> dict:
     """Greedy decoding of one prompt from a trained checkpoint with an MTP module, plain and self-speculative with
     k drafts a step. One untimed call of each first (cache allocation, kernel choice), then `repeats` timed pairs,
     alternating so that a change in machine load hits both; reports the median and spread of each and of the
@@ -220,11 +235,11 @@ def time_speculative(ckpt: str, prompt: str, new_tokens: int, repeats: int, k: i
     are almost never accepted."""
     if ckpt in PRESETS:
         torch.manual_seed(0)
-        model = Transformer(ModelConfig.from_preset(ckpt)).eval()
+        model = Transformer(ModelConfig.from_preset(ckpt)).to(device).eval()
         prompts = [torch.randint(2, model.config.vocab_size, (256,)).tolist()]
     else:
         from nanoseek.tokenizer import load_tokenizer
-        model = Transformer.from_pretrained(ckpt).eval()
+        model = Transformer.from_pretrained(ckpt).to(device).eval()
         prompts = [load_tokenizer(ckpt).encode(prompt, add_bos=True)]
     engine = Engine(model, max_batch_size=1, max_seq_len=len(prompts[0]) + new_tokens + 2 * (k - 1) + 16)
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
@@ -260,6 +275,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="contexts 256 and 2048, batch 1")
     ap.add_argument("--compare-prefill", action="store_true", help="time nanoseek prefill, expanded vs absorbed")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: both models, and the roofline's matrix (make "
+                    "gpu-check passes cuda)")
+    ap.add_argument("--skip-transformers", action="store_true",
+                    help="time nanoseek only (transformers' columns print nan): for rows too large for its prefill")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for both models (1 avoids OpenMP spin-waiting on a busy shared machine)")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -279,13 +298,13 @@ def main(argv=None):
     if args.speculative:
         new_tokens = args.new_tokens if "--new-tokens" in (argv or sys.argv) else 64
         k = args.draft_tokens
-        res = time_speculative(args.speculative, args.prompt, new_tokens, args.repeats, k)
-        info = machine()
+        res = time_speculative(args.speculative, args.prompt, new_tokens, args.repeats, k, args.device)
+        info = machine(args.device)
         sp = res["speedup"]
         print(f"self-speculative decoding (K = {k} MTP draft{'s' if k > 1 else ''} per step), {args.speculative}, "
               f"prompt {args.prompt!r}, {new_tokens} greedy tokens, batch 1")
         print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
-              f"torch {info['torch']}")
+              + (f"GPU {info['gpu']}, " if "gpu" in info else "") + f"torch {info['torch']}")
         by_pos = res["acceptance_by_position"]
         # draft j + 1 is only accepted after draft j: the conditional rate is the chained module's own accuracy
         cond = [a / b if b else 0.0 for a, b in zip(by_pos, [1.0] + by_pos[:-1])]
@@ -310,7 +329,7 @@ def main(argv=None):
             print(json.dumps({"machine": info, "speculative": res}))
         return
 
-    cfg, ours, hf = build_models(args.preset, dtype, args.seed)
+    cfg, ours, hf = build_models(args.preset, dtype, args.seed, args.device)
     max_seq_len = max(args.contexts) + args.new_tokens
     engines = {(b, comp): Engine(ours, max_batch_size=b, max_seq_len=max_seq_len, kv_cache_dtype=args.dtype,
                                  compile=comp) for b in args.batches for comp in (False, True)}
@@ -326,14 +345,15 @@ def main(argv=None):
             run_ours(eng, [[1, 2, 3, 4]], 4)  # a second request: compiled once per engine, not per request
             with torch.inference_mode():  # one step at the longest context: past 4,096 cached tokens the
                 # compiler specialises once more (nanoseek/engine/decode.py, CompiledDecode._run)
-                eng.compiled(slice(0, 1), max(args.contexts), torch.tensor([[1]]))
+                eng.compiled(slice(0, 1), max(args.contexts), torch.tensor([[1]], device=eng.device))
     compile_s = next((e.compile_seconds for (b, c), e in engines.items() if c and e.compile_seconds), None)
     compile_failed = any(e.compiled is not None and e.compiled.failed for e in engines.values())
     run_hf(hf, torch.tensor([[1, 2, 3, 4]]), 4)
     # memory streams bytes whatever their type, but CPU bf16 gemv is far slower than fp32's: the roofline is the
     # faster of the two rates
-    rates = {name: weight_read_rate(dt) for name, dt in DTYPES.items()}
-    head_rates = head_layout_rates(cfg.vocab_size, cfg.hidden_size) if args.dtype == "fp32" else None
+    rates = {name: weight_read_rate(dt, device=args.device) for name, dt in DTYPES.items()}
+    on_cpu = torch.device(args.device).type == "cpu"  # the compiled step's head layout is a CPU choice
+    head_rates = head_layout_rates(cfg.vocab_size, cfg.hidden_size) if args.dtype == "fp32" and on_cpu else None
     rate = max(rates[args.dtype], rates["fp32"])
     wbytes = torch.finfo(dtype).bits // 8
 
@@ -345,15 +365,18 @@ def main(argv=None):
             p_tok, p_pre, p_dec = run_ours(engines[b, False], prompts.tolist(), args.new_tokens)
             # the machine's rate drifts by tens of percent over minutes (a shared host): measure it again
             # beside each row's timings and take that row's fraction against it
-            row_rate = max(weight_read_rate(d, 5) for d in {DTYPES[args.dtype], torch.float32})
+            row_rate = max(weight_read_rate(d, 5, args.device) for d in {DTYPES[args.dtype], torch.float32})
             o_tok, o_pre, o_dec = run_ours(engines[b, True], prompts.tolist(), args.new_tokens)
-            h_tok, h_pre, h_dec = run_hf(hf, prompts, args.new_tokens)
+            if args.skip_transformers:  # its dense prefill of 8 x 8,192 tokens runs out of 24 GB
+                h_tok, h_pre, h_dec = None, float("nan"), float("nan")
+            else:
+                h_tok, h_pre, h_dec = run_hf(hf, prompts, args.new_tokens)
             n = b * (args.new_tokens - 1)
             per_token = step_bytes(cfg, ours, b, ctx + args.new_tokens / 2, wbytes, bytes_ours[args.dtype]) / b
             row = dict(context=ctx, batch=b, mb_per_token=per_token / 1e6, weight_read_gb_s=row_rate,
                        plain_decode_tok_s=n / p_dec, nanoseek_decode_tok_s=n / o_dec, hf_decode_tok_s=n / h_dec,
                        plain_prefill_s=p_pre, nanoseek_prefill_s=o_pre, hf_prefill_s=h_pre,
-                       same_tokens=sum(x == y for x, y in zip(o_tok, h_tok)) / b,
+                       same_tokens=None if h_tok is None else sum(x == y for x, y in zip(o_tok, h_tok)) / b,
                        same_as_plain=sum(x == y for x, y in zip(o_tok, p_tok)) / b)
             for key in ("plain", "nanoseek"):
                 row[f"{key}_gb_s"] = per_token * row[f"{key}_decode_tok_s"] / 1e9
@@ -369,10 +392,11 @@ def main(argv=None):
         for ctx in [c for c in args.contexts if c <= 2048]:
             prefill_paths[ctx] = time_prefill_paths(ours, ctx, max_seq_len)
 
-    info = machine()
+    info = machine(args.device)
     print(f"\nDecode: preset {args.preset} ({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M params), "
           f"{args.dtype} weights and caches, greedy, {args.new_tokens} new tokens")
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
+          + (f"GPU {info['gpu']}, " if "gpu" in info else "") +
           f"torch {info['torch']}\n")
     print(f"weight-read roofline: torch.mv of a 16384 x 8192 matrix, {info['torch_threads']} threads, the faster of "
           f"fp32 and bf16 (at the start: fp32 {rates['fp32']:.1f} GB/s, bf16 {rates['bf16']:.1f} GB/s), measured "
@@ -398,7 +422,8 @@ def main(argv=None):
               f"{r['plain_decode_tok_s']:.1f} | "
               f"{r['plain_roofline']:.0%} | {r['nanoseek_decode_tok_s']:.1f} | {r['nanoseek_gb_s']:.1f} | "
               f"{r['nanoseek_roofline']:.0%} | {r['hf_decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x | "
-              f"{r['nanoseek_prefill_s']:.2f} | {r['hf_prefill_s']:.2f} | {r['same_tokens']:.0%} | "
+              f"{r['nanoseek_prefill_s']:.2f} | {r['hf_prefill_s']:.2f} | "
+              f"{'-' if r['same_tokens'] is None else format(r['same_tokens'], '.0%')} | "
               f"{r['same_as_plain']:.0%} |")
     print(f"\nKV cache bytes per token ({cfg.num_hidden_layers} layers): transformers DynamicCache {args.dtype} "
           f"{bytes_hf:,}; nanoseek latent fp32 {bytes_ours['fp32']:,}, bf16 {bytes_ours['bf16']:,}, "

@@ -95,7 +95,7 @@ def main() -> int:
     else:
         results["nccl"] = f"skipped: {gpus} GPU (NCCL needs 2)"
 
-    for name, cmd, share in (("bench_decode", ["benchmarks/decode.py", "--quick", "--json"], 90),
+    for name, cmd, share in (("bench_decode", ["benchmarks/decode.py", "--quick", "--device", "cuda", "--json"], 90),
                              ("bench_train", ["benchmarks/train.py", "--steps", "3", "--json"], 60),
                              ("bench_fp8", ["benchmarks/fp8.py", "--steps", "20", "--json"], 90)):
         out = run(name, [py, *cmd], left(share), results)
