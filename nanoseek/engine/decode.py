@@ -299,7 +299,7 @@ class CompiledDecode:
 
     def _head_weight(self, w: torch.Tensor) -> torch.Tensor:
         """The output head as decode_head reads it. On CPU a [d, vocab] copy, passed transposed: a BLAS product
-        over it streams the head (the largest weight a step reads, 42% of `small`'s bytes) ~20% faster than
+        over it streams the head (the largest weight a step reads, 42% of `small`'s bytes) ~25% faster than
         rows of d numbers do (BENCHMARKS.md). The copy costs the head's memory once more and is made again when
         the weight changes (an optimizer step between rollouts bumps its version counter)."""
         if w.device.type != "cpu":
