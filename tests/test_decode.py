@@ -179,3 +179,27 @@ def test_fast_speculative_k_drafts_are_the_chained_mtp_module(monkeypatch):
     assert "speculate" in fast.compiled.kinds and len(seen) > 9 and accepted > 0
     for tokens, drafts in seen:
         assert drafts == chained_mtp_drafts(model, tokens, k)
+
+
+def test_fast_speculative_drafts_equal_the_eager_paths(monkeypatch):
+    """Every draft the fast path makes (after the prompt: CompiledDecode.chain; each step: speculate_forward)
+    equals the eager path's, on a random model whose MTP block's attention is scaled up so that its drafts depend
+    on every position and rotation (the near-bigram models above, and a plain random one, barely attend)."""
+    import copy
+
+    import torch
+
+    from tests.test_engine import record_drafts
+    model = copy.deepcopy(tiny_model())
+    with torch.no_grad():
+        model.mtp[0].block.self_attn.o_proj.weight.mul_(50.0)
+    fast, plain = fast_and_plain(model, compiled=False)
+    p, k = SamplingParams(10, temperature=0), 3
+    for prompt in PROMPTS:
+        seen = record_drafts(monkeypatch)
+        fast_tokens = fast.generate([prompt], p, speculative=k)
+        fast_drafts, seen[:] = list(seen), []
+        assert fast_tokens == plain.generate([prompt], p, speculative=k) == plain.generate([prompt], p)
+        assert fast_drafts == seen and len(seen) >= 3
+        monkeypatch.undo()
+    assert {"speculate", "chain"} <= fast.compiled.kinds
